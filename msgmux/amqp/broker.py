@@ -1,0 +1,193 @@
+# -*- test-case-name: tests.test_broker -*-
+"""
+A long-lived, reconnecting connection to one broker.
+
+L{BrokerService} is a Twisted service around a L{ClientService}: it connects
+to the hosts of a transport URL in failover order, logs in (a login failure
+counts as a failed attempt, so backoff applies), and tells its observers when
+a usable connection appears and when it goes.  Observers own their channels
+and rebuild their topology on every new connection.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IReactorTCP, IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from msgmux.amqp.protocol import BrokerDelegate, BrokerProtocol
+from msgmux.config import BrokerConfig, BrokerHost
+
+
+class BrokerObserver(Protocol):
+    """Something that uses a broker connection while it exists."""
+
+    def broker_connected(self, protocol: BrokerProtocol) -> None:
+        """A logged-in connection is ready."""
+
+    def broker_lost(self, reason: Failure) -> None:
+        """The connection is gone; its channels are closed."""
+
+
+class FailoverEndpoint:
+    """
+    Connects to one of several brokers: the same host again after a
+    connection that worked, the next one after a failed attempt.
+
+    @ivar current: the host of the latest attempt.
+    """
+
+    def __init__(self, reactor: Any, hosts: tuple[BrokerHost, ...], timeout: float = 10.0) -> None:
+        self._reactor = reactor
+        self._hosts = hosts
+        self._index = 0
+        self._timeout = timeout
+        self.current = hosts[0]
+
+    def failed(self) -> None:
+        """The attempt on L{current} failed: move on to the next host."""
+        self._index = (self._index + 1) % len(self._hosts)
+
+    def connect(self, factory: Any) -> defer.Deferred[Any]:
+        self.current = self._hosts[self._index]
+        endpoint = HostnameEndpoint(self._reactor, self.current.host, self.current.port, timeout=self._timeout)
+        connecting: defer.Deferred[Any] = endpoint.connect(factory)
+        connecting.addErrback(self._attempt_failed)
+        return connecting
+
+    def _attempt_failed(self, failure: Failure) -> Failure:
+        self.failed()
+        return failure
+
+    def __repr__(self) -> str:
+        return "<FailoverEndpoint " + ",".join(f"{h.host}:{h.port}" for h in self._hosts) + ">"
+
+
+class _BrokerFactory(Factory):
+    def __init__(self, config: BrokerConfig, endpoint: FailoverEndpoint, clock: IReactorTime, name: str) -> None:
+        self._config = config
+        self._endpoint = endpoint
+        self._clock = clock
+        self._name = name
+
+    def buildProtocol(self, addr: Any) -> BrokerProtocol:
+        host = self._endpoint.current
+        return BrokerProtocol(
+            BrokerDelegate(),
+            vhost=self._config.virtual_host,
+            heartbeat=self._config.heartbeat,
+            clock=self._clock,
+            username=host.username,
+            password=host.password,
+            connection_name=self._name,
+        )
+
+
+class BrokerService(Service):
+    """
+    Keeps one logged-in AMQP connection to a broker.
+
+    @ivar protocol: the current connection, or L{None}.
+    @ivar display: C{host:port} of the current broker, for logs and status.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        config: BrokerConfig,
+        name: str,
+        reactor: IReactorTCP,
+        retry_policy: Any = None,
+    ) -> None:
+        self.name = name
+        self.config = config
+        self._endpoint = FailoverEndpoint(reactor, config.hosts)
+        self._service = ClientService(
+            self._endpoint,
+            _BrokerFactory(config, self._endpoint, reactor, f"msgmux {name}"),  # type: ignore[arg-type]
+            retryPolicy=retry_policy or backoffPolicy(initialDelay=0.5, maxDelay=10.0),
+            clock=reactor,  # type: ignore[arg-type]
+            prepareConnection=self._prepare,
+        )
+        self.protocol: BrokerProtocol | None = None
+        self.display = ""
+        self._observers: list[BrokerObserver] = []
+
+    def add_observer(self, observer: BrokerObserver) -> None:
+        """
+        Register an observer; it hears about the current connection at once.
+        """
+        self._observers.append(observer)
+        if self.protocol is not None:
+            observer.broker_connected(self.protocol)
+
+    def remove_observer(self, observer: BrokerObserver) -> None:
+        """Forget an observer."""
+        if observer in self._observers:
+            self._observers.remove(observer)
+
+    def startService(self) -> None:
+        super().startService()
+        self._service.startService()
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        return self._service.stopService()
+
+    def when_connected(self, fail_after: int | None = None) -> defer.Deferred[Any]:
+        """@return: fires with a logged-in connection (see L{ClientService.whenConnected})."""
+        return self._service.whenConnected(failAfterFailures=fail_after)
+
+    def _prepare(self, proxy: Any) -> defer.Deferred[None]:
+        return defer.Deferred.fromCoroutine(self._login(proxy._protocol))
+
+    async def _login(self, protocol: BrokerProtocol) -> None:
+        host = self._endpoint.current
+        try:
+            await protocol.login()
+        except Exception as e:
+            self._endpoint.failed()
+            self._log.warn(
+                "Broker {name} at {host}:{port} refused the login: {error}",
+                name=self.name,
+                host=host.host,
+                port=host.port,
+                error=_describe(e),
+            )
+            protocol.transport.abortConnection()
+            raise
+        self.protocol = protocol
+        self.display = f"{host.host}:{host.port}"
+        self._log.info(
+            "Connected to {name} broker at {host}:{port} (RabbitMQ {version})",
+            name=self.name,
+            host=host.host,
+            port=host.port,
+            version=protocol.server_properties.get("version", "?"),
+        )
+        protocol.disconnected.wait().addCallback(lambda _: self._lost(protocol))
+        for observer in list(self._observers):
+            observer.broker_connected(protocol)
+
+    def _lost(self, protocol: BrokerProtocol) -> None:
+        if self.protocol is not protocol:
+            return
+        self.protocol = None
+        self._log.warn("Lost the {name} broker at {host}", name=self.name, host=self.display)
+        reason = Failure(ConnectionError(f"{self.name} broker connection lost"))
+        for observer in list(self._observers):
+            observer.broker_lost(reason)
+
+
+def _describe(error: BaseException) -> str:
+    """A one-line description of a txAMQP failure (its reasons nest)."""
+    text = str(error)
+    return text if len(text) < 300 else text[:300] + "..."

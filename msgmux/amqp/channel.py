@@ -1,0 +1,311 @@
+# -*- test-case-name: tests.test_amqp_channel -*-
+"""
+One AMQP channel as msgmux uses it.
+
+Synchronous methods go through the txAMQP channel (they are rare and
+txAMQP's Deferred-per-method style suits them).  Messages go through the hot
+path of L{msgmux.amqp.protocol.BrokerProtocol}: deliveries are handed to the
+consumer's callback, publishes are written as pre-encoded frames and their
+publisher confirms fire Deferreds.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from msgmux.amqp import wire
+
+if TYPE_CHECKING:
+    from msgmux.amqp.protocol import BrokerProtocol
+
+
+class ChannelLost(Exception):
+    """The channel closed (broker error, connection loss or our own close)."""
+
+
+class PublishRefused(Exception):
+    """The broker nacked a publish (internal error or a queue refusing it)."""
+
+
+class Delivery:
+    """
+    A message the broker delivered to one of our consumers.
+
+    @ivar error: why the content header could not be decoded, or L{None};
+        such a message must be rejected, not relayed.
+    """
+
+    __slots__ = (
+        "channel",
+        "consumer_tag",
+        "delivery_tag",
+        "redelivered",
+        "exchange",
+        "routing_key",
+        "properties",
+        "body",
+        "error",
+    )
+
+    def __init__(
+        self,
+        channel: Channel,
+        consumer_tag: str,
+        delivery_tag: int,
+        redelivered: bool,
+        exchange: str,
+        routing_key: str,
+        properties: dict[str, Any],
+        body: bytes,
+        error: str | None,
+    ) -> None:
+        self.channel = channel
+        self.consumer_tag = consumer_tag
+        self.delivery_tag = delivery_tag
+        self.redelivered = redelivered
+        self.exchange = exchange
+        self.routing_key = routing_key
+        self.properties = properties
+        self.body = body
+        self.error = error
+
+    def ack(self) -> None:
+        """Acknowledge, if the channel it came on is still open."""
+        self.channel.ack(self.delivery_tag)
+
+    def reject(self, requeue: bool) -> None:
+        """Reject, if the channel it came on is still open."""
+        self.channel.reject(self.delivery_tag, requeue)
+
+
+class Channel:
+    """
+    @ivar number: the channel id.
+    @ivar lost_reason: why the channel closed, or L{None} while open.
+    """
+
+    _log = Logger()
+
+    def __init__(self, protocol: BrokerProtocol, txchannel: Any) -> None:
+        self.protocol = protocol
+        self.number: int = txchannel.id
+        self._tx = txchannel
+        self._consumers: dict[str, Callable[[Delivery], None]] = {}
+        self._confirms: dict[int, defer.Deferred[None]] = {}
+        self._publish_tag = 0
+        self._confirming = False
+        self.lost_reason: Failure | None = None
+        self.lost_observers: list[Callable[[Failure], None]] = []
+        self.return_observers: list[Callable[[int, str, str, str, dict[str, Any], bytes], None]] = []
+        self.cancel_observers: list[Callable[[str], None]] = []
+
+    @property
+    def is_open(self) -> bool:
+        """Whether the channel can still be used."""
+        return self.lost_reason is None
+
+    @property
+    def unconfirmed(self) -> int:
+        """Publishes awaiting the broker's confirm."""
+        return len(self._confirms)
+
+    # --- synchronous methods ----------------------------------------------
+
+    async def declare_exchange(
+        self, name: str, kind: str, durable: bool, auto_delete: bool, arguments: dict[str, Any] | None = None
+    ) -> None:
+        """Declare an exchange (fails the channel if it exists with other flags)."""
+        await self._tx.exchange_declare(
+            exchange=name, type=kind, durable=durable, auto_delete=auto_delete, arguments=arguments or {}
+        )
+
+    async def declare_queue(
+        self,
+        name: str,
+        durable: bool,
+        auto_delete: bool,
+        exclusive: bool = False,
+        arguments: dict[str, Any] | None = None,
+    ) -> None:
+        """Declare a queue (fails the channel if it exists with other arguments)."""
+        await self._tx.queue_declare(
+            queue=name, durable=durable, auto_delete=auto_delete, exclusive=exclusive, arguments=arguments or {}
+        )
+
+    async def bind_queue(self, queue: str, exchange: str, routing_key: str) -> None:
+        """Bind a queue to an exchange."""
+        await self._tx.queue_bind(queue=queue, exchange=exchange, routing_key=routing_key, arguments={})
+
+    async def qos(self, prefetch: int) -> None:
+        """Limit unacknowledged deliveries per consumer."""
+        await self._tx.basic_qos(prefetch_size=0, prefetch_count=prefetch, global_=False)
+
+    async def select_confirms(self) -> None:
+        """Put the channel in publisher-confirm mode."""
+        await self._tx.confirm_select()
+        self._confirming = True
+
+    async def consume(
+        self,
+        queue: str,
+        consumer_tag: str,
+        callback: Callable[[Delivery], None],
+        arguments: dict[str, Any] | None = None,
+    ) -> None:
+        """
+        Start consuming with manual acknowledgement.
+
+        @param callback: called with each L{Delivery}; registered before the
+            consume is sent, so no delivery can arrive unobserved.
+        @param arguments: C{basic.consume} arguments (e.g. a stream offset).
+        """
+        self._consumers[consumer_tag] = callback
+        try:
+            await self._tx.basic_consume(
+                queue=queue, consumer_tag=consumer_tag, no_ack=False, arguments=arguments or {}
+            )
+        except BaseException:
+            self._consumers.pop(consumer_tag, None)
+            raise
+
+    def consumer_tags(self) -> list[str]:
+        """The tags of the active consumers."""
+        return list(self._consumers)
+
+    async def cancel(self, consumer_tag: str) -> None:
+        """Stop a consumer; deliveries already received stay valid."""
+        await self._tx.basic_cancel(consumer_tag=consumer_tag)
+        self._consumers.pop(consumer_tag, None)
+
+    async def close(self) -> None:
+        """
+        Close the channel: the broker requeues what we did not acknowledge
+        and drops our consumers.
+        """
+        if not self.is_open:
+            return
+        try:
+            await self._tx.channel_close(reply_code=200, reply_text="closing", class_id=0, method_id=0)
+        finally:
+            self.protocol.fast_channels.pop(self.number, None)
+            self.protocol.channels.pop(self.number, None)
+            self._tx.close(ChannelLost("closed by msgmux"))
+            self.lost(Failure(ChannelLost("closed by msgmux")))
+
+    # --- hot path -----------------------------------------------------------
+
+    def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        properties: dict[str, Any],
+        body: bytes,
+        mandatory: bool = False,
+    ) -> defer.Deferred[None]:
+        """
+        Publish one message.
+
+        @return: fires when the broker confirmed it (immediately when the
+            channel is not in confirm mode); fails with L{PublishRefused} on a
+            nack and L{ChannelLost} if the channel goes first.
+        @raise wire.WireError: when the message cannot be encoded.
+        """
+        if not self.is_open:
+            return defer.fail(ChannelLost("channel is closed"))
+        parts = wire.encode_publish(
+            self.number, exchange, routing_key, properties, body, self.protocol.MAX_LENGTH, mandatory
+        )
+        self.protocol.write_frames(parts)
+        if not self._confirming:
+            return defer.succeed(None)
+        self._publish_tag += 1
+        confirmed: defer.Deferred[None] = defer.Deferred()
+        self._confirms[self._publish_tag] = confirmed
+        return confirmed
+
+    def redeclare_exchange(self, name: str, kind: str, durable: bool, auto_delete: bool) -> None:
+        """
+        Declare an exchange without waiting for the answer, in front of the
+        next publish (for auto-delete exchanges that may have vanished).
+        """
+        if self.is_open:
+            self.protocol.write_frame(wire.encode_exchange_declare(self.number, name, kind, durable, auto_delete))
+
+    def ack(self, delivery_tag: int) -> None:
+        """Acknowledge a delivery of this channel (ignored once it closed)."""
+        if self.is_open:
+            self.protocol.write_frame(wire.encode_ack(self.number, delivery_tag))
+
+    def reject(self, delivery_tag: int, requeue: bool) -> None:
+        """Reject a delivery of this channel (ignored once it closed)."""
+        if self.is_open:
+            self.protocol.write_frame(wire.encode_reject(self.number, delivery_tag, requeue))
+
+    # --- called by the protocol ---------------------------------------------
+
+    def confirmed(self, tag: int, multiple: bool, ok: bool) -> None:
+        """The broker confirmed (or refused) publishes up to C{tag}."""
+        confirms = self._confirms
+        if multiple:
+            done = [t for t in confirms if t <= tag]
+        else:
+            done = [tag] if tag in confirms else []
+        for t in done:
+            d = confirms.pop(t)
+            if ok:
+                d.callback(None)
+            else:
+                d.errback(PublishRefused(f"broker refused publish {t}"))
+
+    def delivered(
+        self,
+        consumer_tag: str,
+        delivery_tag: int,
+        redelivered: bool,
+        exchange: str,
+        routing_key: str,
+        properties: dict[str, Any],
+        body: bytes,
+        error: str | None,
+    ) -> None:
+        """A message arrived for one of our consumers."""
+        callback = self._consumers.get(consumer_tag)
+        delivery = Delivery(self, consumer_tag, delivery_tag, redelivered, exchange, routing_key, properties, body, error)
+        if callback is None:
+            # A delivery racing our basic.cancel: give it back.
+            delivery.reject(requeue=True)
+            return
+        try:
+            callback(delivery)
+        except Exception:
+            self._log.failure("Consumer {tag} failed on a delivery; requeueing it", tag=consumer_tag)
+            delivery.reject(requeue=True)
+
+    def returned(
+        self, code: int, text: str, exchange: str, routing_key: str, properties: dict[str, Any], body: bytes
+    ) -> None:
+        """The broker could not route a mandatory publish."""
+        for observer in list(self.return_observers):
+            observer(code, text, exchange, routing_key, properties, body)
+
+    def cancelled_by_broker(self, consumer_tag: str) -> None:
+        """The broker cancelled one of our consumers."""
+        self._consumers.pop(consumer_tag, None)
+        for observer in list(self.cancel_observers):
+            observer(consumer_tag)
+
+    def lost(self, reason: Failure) -> None:
+        """The channel is gone: fail what waits on it, tell the owner."""
+        if self.lost_reason is not None:
+            return
+        self.lost_reason = reason
+        self._consumers.clear()
+        confirms, self._confirms = self._confirms, {}
+        for d in confirms.values():
+            d.errback(ChannelLost(str(reason.value)))
+        for observer in list(self.lost_observers):
+            observer(reason)

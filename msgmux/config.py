@@ -1,0 +1,536 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+The msgmux configuration: TOML in, frozen value objects out.
+
+Pure code: no Twisted, no sockets.  L{load} reads a file, L{parse} a string;
+both raise L{ConfigError} naming the file and the dotted key of the first
+problem, so C{twistd msgmux --config FILE} can refuse to start before anything
+is bound or connected.  The keys are documented in C{docs/configuration.md}.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import attrs
+
+from msgmux._toml import ConfigError, Section
+
+__all__ = [
+    "BrokerConfig",
+    "BrokerHost",
+    "Config",
+    "ConfigError",
+    "ControlConfig",
+    "Limits",
+    "LinkConfig",
+    "NotificationRule",
+    "QueueOptions",
+    "RpcRule",
+    "TenantConfig",
+    "load",
+    "parse",
+    "parse_transport_url",
+]
+
+#: oslo's notification priorities (oslo_messaging.notify.notifier).
+PRIORITIES = ("audit", "debug", "info", "warn", "warning", "error", "critical", "sample")
+
+# AMQP short strings are at most 255 bytes; oslo builds "<topic>.<server>" and
+# "<topic>_fanout_<32 hex>" out of these, so keep names comfortably shorter.
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-:@]{0,159}$")
+_LINK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$")
+
+
+def _name_problem(value: str) -> str | None:
+    if not _NAME.match(value):
+        return "must be 1-160 characters of letters, digits and _ . - : @ (not starting with . - : @)"
+    return None
+
+
+@attrs.frozen
+class QueueOptions:
+    """
+    The oslo.messaging rabbit driver options that shape queue and exchange
+    declarations on one broker.  They must equal the values the oslo services
+    on that broker use: RabbitMQ refuses a re-declaration with different
+    arguments (PRECONDITION_FAILED).  Names and defaults are oslo's.
+    """
+
+    amqp_durable_queues: bool = False
+    amqp_auto_delete: bool = False
+    rabbit_ha_queues: bool = False
+    rabbit_quorum_queue: bool = False
+    rabbit_transient_quorum_queue: bool = False
+    rabbit_transient_queues_ttl: int = 1800
+    rabbit_quorum_delivery_limit: int = 0
+    rabbit_quorum_max_memory_length: int = 0
+    rabbit_quorum_max_memory_bytes: int = 0
+    rabbit_stream_fanout: bool = False
+
+
+@attrs.frozen
+class BrokerHost:
+    """One broker address from a transport URL, with its credentials."""
+
+    host: str
+    port: int
+    username: str
+    password: str = attrs.field(repr=False)
+
+
+@attrs.frozen
+class BrokerConfig:
+    """
+    How one half reaches and uses its broker.
+
+    @ivar hosts: failover list, tried in order.
+    @ivar virtual_host: the AMQP vhost.
+    @ivar exchange: oslo's C{control_exchange} on this broker.
+    @ivar queues: declaration options matching oslo's on this broker.
+    @ivar heartbeat: AMQP heartbeat in seconds (0 disables).
+    @ivar prefetch: C{basic.qos} prefetch per consumer.
+    """
+
+    hosts: tuple[BrokerHost, ...]
+    virtual_host: str
+    exchange: str
+    queues: QueueOptions = QueueOptions()
+    heartbeat: int = 30
+    prefetch: int = 64
+
+
+@attrs.frozen
+class RpcRule:
+    """
+    One RPC route.
+
+    Downstream, the control half consumes C{topic} (and C{topic.server} for
+    each server, and a fanout queue) on the control broker.  Upstream, the
+    tenant half consumes them on the tenant broker.
+
+    @ivar methods: allowed method names; C{("*",)} allows all.  Required for
+        upstream rules, optional (all) downstream.
+    @ivar exchange: the exchange on both brokers, or L{None} for each
+        broker's configured C{exchange}.
+    """
+
+    topic: str
+    servers: tuple[str, ...] = ()
+    fanout: bool = False
+    methods: tuple[str, ...] = ("*",)
+    exchange: str | None = None
+
+    def allows_method(self, method: str) -> bool:
+        """
+        @param method: an oslo method name.
+        @return: whether this rule lets it through.
+        """
+        return "*" in self.methods or method in self.methods
+
+
+@attrs.frozen
+class NotificationRule:
+    """
+    One notification route: C{topic.priority} for each priority.
+
+    @ivar exchange: the notifier's exchange on both brokers, or L{None} for
+        each broker's configured C{exchange}.
+    """
+
+    topic: str
+    priorities: tuple[str, ...]
+    exchange: str | None = None
+
+
+@attrs.frozen
+class Limits:
+    """
+    What one link may send up into the control network.
+
+    @ivar max_message_size: largest message body in bytes; larger messages
+        are rejected and counted.
+    @ivar max_rate: sustained messages per second (token bucket rate);
+        enforced by withholding link credit, so the excess waits on the
+        tenant broker.
+    @ivar burst: token bucket depth.
+    @ivar max_inflight_calls: upstream calls awaiting a reply; more are
+        rejected (the caller times out) and counted.
+    @ivar max_call_timeout: upper bound, in seconds, on how long msgmux
+        keeps accepting replies for one call.
+    """
+
+    max_message_size: int = 8 * 1024 * 1024
+    max_rate: float = 2000.0
+    burst: int = 500
+    max_inflight_calls: int = 200
+    max_call_timeout: float = 3600.0
+
+
+@attrs.frozen
+class LinkConfig:
+    """
+    One tenant network served by the control half.
+
+    @ivar socket: path of the Unix socket the control half listens on.
+    @ivar socket_mode: file mode of that socket.
+    @ivar down: routes from the control broker to the tenant broker.
+    @ivar up: routes from the tenant broker to the control broker.
+    """
+
+    name: str
+    socket: str
+    socket_mode: int = 0o660
+    down: tuple[RpcRule, ...] = ()
+    up: tuple[RpcRule, ...] = ()
+    notifications_down: tuple[NotificationRule, ...] = ()
+    notifications_up: tuple[NotificationRule, ...] = ()
+    limits: Limits = Limits()
+
+
+@attrs.frozen
+class ControlConfig:
+    """
+    The control half: the trust boundary.
+
+    @ivar reply_key: secret for signing reply tokens; L{None} means a random
+        key per process (calls in flight across a restart then time out).
+    @ivar link_heartbeat: seconds between link heartbeats; a peer silent for
+        three intervals is disconnected.
+    @ivar link_window: messages one half may have unacknowledged on the link.
+    @ivar metrics: endpoint description for the Prometheus listener, or
+        L{None}.
+    """
+
+    broker: BrokerConfig
+    links: tuple[LinkConfig, ...]
+    reply_key: bytes | None = attrs.field(default=None, repr=False)
+    link_heartbeat: float = 5.0
+    link_window: int = 256
+    metrics: str | None = None
+
+
+@attrs.frozen
+class TenantConfig:
+    """
+    The tenant half: runs inside the tenant network, holds no control
+    credentials and no policy.
+
+    @ivar link: the link name this half expects to serve, checked against
+        the control half's; L{None} accepts whatever link the socket serves.
+    """
+
+    broker: BrokerConfig
+    socket: str
+    link: str | None = None
+    link_window: int = 256
+
+
+@attrs.frozen
+class Config:
+    """A whole msgmux configuration file; at least one half is present."""
+
+    path: str
+    control: ControlConfig | None
+    tenant: TenantConfig | None
+
+
+def load(path: str) -> Config:
+    """
+    Read and validate a configuration file.
+
+    @param path: the TOML file.
+    @return: the configuration.
+    @raise ConfigError: on any problem, naming the file and key.
+    """
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")
+    except OSError as e:
+        raise ConfigError(path, "", f"cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, "", f"is not UTF-8: {e}") from None
+    return parse(text, path)
+
+
+def parse(text: str, path: str = "<string>") -> Config:
+    """
+    Validate configuration text.
+
+    @param text: TOML.
+    @param path: the file name to use in error messages.
+    @return: the configuration.
+    @raise ConfigError: on any problem, naming the file and key.
+    """
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, "", f"is not valid TOML: {e}") from None
+    root = Section(path, "", document)
+    control = _control(root.table("control")) if root.has("control") else None
+    tenant = _tenant(root.table("tenant")) if root.has("tenant") else None
+    root.finish()
+    if control is None and tenant is None:
+        raise ConfigError(path, "", "needs a [control] section, a [tenant] section, or both")
+    return Config(path=path, control=control, tenant=tenant)
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def _non_negative(value: float) -> str | None:
+    return None if value >= 0 else "must not be negative"
+
+
+def _control(section: Section) -> ControlConfig:
+    broker = _broker(section)
+    reply_key = None
+    if section.has("reply_key_file"):
+        key_path = section.get("reply_key_file", str)
+        try:
+            with open(key_path, "rb") as f:
+                reply_key = f.read().strip()
+        except OSError as e:
+            raise section.error("reply_key_file", f"cannot read {key_path}: {e.strerror or e}") from None
+        if len(reply_key) < 16:
+            raise section.error("reply_key_file", f"{key_path} must hold at least 16 bytes of secret")
+    heartbeat = section.get("link_heartbeat", float, 5.0, _positive)
+    window = section.get("link_window", int, 256, lambda v: None if 1 <= v <= 65535 else "must be 1-65535")
+    metrics = section.get("metrics", str, None)
+    default_limits = _limits(section.table("limits"), Limits())
+    links = tuple(_link(link, default_limits) for link in section.tables("links"))
+    if not links:
+        raise section.error("links", "needs at least one [[control.links]] entry")
+    _unique(section, "links", [link.name for link in links], "name")
+    _unique(section, "links", [link.socket for link in links], "socket")
+    section.finish()
+    return ControlConfig(
+        broker=broker,
+        links=links,
+        reply_key=reply_key,
+        link_heartbeat=heartbeat,
+        link_window=window,
+        metrics=metrics,
+    )
+
+
+def _unique(section: Section, name: str, values: list[str], what: str) -> None:
+    seen: set[str] = set()
+    for index, value in enumerate(values):
+        if value in seen:
+            raise section.error(f"{name}[{index}].{what}", f"{value!r} is used by another link")
+        seen.add(value)
+
+
+def _tenant(section: Section) -> TenantConfig:
+    broker = _broker(section)
+    socket = section.get("socket", str, check=_socket_problem)
+    link = section.get("link", str, None, lambda v: None if _LINK_NAME.match(v) else "is not a valid link name")
+    window = section.get("link_window", int, 256, lambda v: None if 1 <= v <= 65535 else "must be 1-65535")
+    section.finish()
+    return TenantConfig(broker=broker, socket=socket, link=link, link_window=window)
+
+
+def _socket_problem(value: str) -> str | None:
+    if not value.startswith("/"):
+        return "must be an absolute path"
+    if len(value.encode()) > 107:
+        return "is longer than a Unix socket path may be (107 bytes)"
+    return None
+
+
+def _broker(section: Section) -> BrokerConfig:
+    url = section.get("transport_url", str)
+    try:
+        hosts, vhost = parse_transport_url(url)
+    except ValueError as e:
+        raise section.error("transport_url", str(e)) from None
+    exchange = section.get("exchange", str, "openstack", _name_problem)
+    heartbeat = section.get("heartbeat", int, 30, lambda v: None if 0 <= v <= 600 else "must be 0-600 seconds")
+    prefetch = section.get("prefetch", int, 64, lambda v: None if 1 <= v <= 65535 else "must be 1-65535")
+    return BrokerConfig(
+        hosts=hosts,
+        virtual_host=vhost,
+        exchange=exchange,
+        queues=_queue_options(section.table("queues")),
+        heartbeat=heartbeat,
+        prefetch=prefetch,
+    )
+
+
+def parse_transport_url(url: str) -> tuple[tuple[BrokerHost, ...], str]:
+    """
+    Parse an oslo.messaging transport URL,
+    C{rabbit://user:pass@host:port[,user:pass@host:port...]/vhost}.
+
+    A host without credentials uses the previous host's (oslo's driver would
+    fall back to guest/guest, which is never what an operator means when
+    listing failover hosts).  An empty path is the C{/} vhost, as in oslo.
+
+    @param url: the URL.
+    @return: the hosts in failover order, and the virtual host.
+    @raise ValueError: describing what is wrong.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "rabbit":
+        raise ValueError(f"must start with rabbit:// (got {parts.scheme or 'no'} scheme)")
+    if parts.query:
+        unsupported = sorted(parse_qs(parts.query, keep_blank_values=True))
+        raise ValueError(f"query options are not supported: {', '.join(unsupported)}")
+    if parts.fragment:
+        raise ValueError("must not have a #fragment")
+    hosts: list[BrokerHost] = []
+    username, password = "guest", "guest"
+    for netloc in parts.netloc.split(","):
+        if not netloc:
+            continue
+        hostport = netloc
+        if "@" in netloc:
+            userinfo, hostport = netloc.rsplit("@", 1)
+            user, _, secret = userinfo.partition(":")
+            username, password = unquote(user), unquote(secret)
+        host, port = _host_port(hostport)
+        hosts.append(BrokerHost(host=host, port=port, username=username, password=password))
+    if not hosts:
+        raise ValueError("names no broker host")
+    vhost = unquote(parts.path[1:]) if parts.path.startswith("/") else ""
+    return tuple(hosts), vhost or "/"
+
+
+def _host_port(hostport: str) -> tuple[str, int]:
+    if hostport.startswith("["):
+        host, _, rest = hostport[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+    else:
+        host, _, port_text = hostport.partition(":")
+    if not host:
+        raise ValueError(f"host missing in {hostport!r}")
+    if not port_text:
+        return host, 5672
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"bad port in {hostport!r}")
+    return host, int(port_text)
+
+
+def _queue_options(section: Section) -> QueueOptions:
+    defaults = QueueOptions()
+    values: dict[str, Any] = {}
+    for field in attrs.fields(QueueOptions):
+        default = getattr(defaults, field.name)
+        check = None if isinstance(default, bool) else _non_negative
+        values[field.name] = section.get(field.name, type(default), default, check)
+    # The same combinations oslo's driver refuses to start with.
+    if values["rabbit_quorum_queue"] and values["rabbit_ha_queues"]:
+        raise section.error("rabbit_quorum_queue", "cannot be combined with rabbit_ha_queues (oslo refuses it too)")
+    if values["rabbit_stream_fanout"] and not values["rabbit_transient_quorum_queue"]:
+        raise section.error("rabbit_stream_fanout", "needs rabbit_transient_quorum_queue = true (as in oslo)")
+    section.finish()
+    return QueueOptions(**values)
+
+
+def _limits(section: Section, base: Limits) -> Limits:
+    limits = Limits(
+        max_message_size=section.get("max_message_size", int, base.max_message_size, _message_size_problem),
+        max_rate=section.get("max_rate", float, base.max_rate, _positive),
+        burst=section.get("burst", int, base.burst, _positive),
+        max_inflight_calls=section.get("max_inflight_calls", int, base.max_inflight_calls, _non_negative),
+        max_call_timeout=section.get("max_call_timeout", float, base.max_call_timeout, _positive),
+    )
+    section.finish()
+    return limits
+
+
+def _message_size_problem(value: int) -> str | None:
+    if not 1024 <= value <= 128 * 1024 * 1024:
+        return "must be between 1024 and 134217728 bytes (RabbitMQ's own ceiling)"
+    return None
+
+
+def _link(section: Section, default_limits: Limits) -> LinkConfig:
+    name = section.get(
+        "name",
+        str,
+        check=lambda v: None if _LINK_NAME.match(v) else "must be 1-63 letters, digits, _ . - starting with a letter or digit",
+    )
+    socket = section.get("socket", str, check=_socket_problem)
+    mode_text = section.get(
+        "socket_mode", str, "0660", lambda v: None if re.fullmatch(r"0?[0-7]{3}", v) else "must be an octal mode like \"0660\""
+    )
+    down = tuple(_rpc_rule(rule, upstream=False) for rule in section.tables("down"))
+    up = tuple(_rpc_rule(rule, upstream=True) for rule in section.tables("up"))
+    notifications_down = tuple(_notification_rule(rule) for rule in section.tables("notifications_down"))
+    notifications_up = tuple(_notification_rule(rule) for rule in section.tables("notifications_up"))
+    limits = _limits(section.table("limits"), default_limits)
+    _no_loops(section, down, up, notifications_down, notifications_up)
+    section.finish()
+    return LinkConfig(
+        name=name,
+        socket=socket,
+        socket_mode=int(mode_text, 8),
+        down=down,
+        up=up,
+        notifications_down=notifications_down,
+        notifications_up=notifications_up,
+        limits=limits,
+    )
+
+
+def _rpc_rule(section: Section, upstream: bool) -> RpcRule:
+    topic = section.get("topic", str, check=_name_problem)
+    servers = section.strings("servers", ())
+    for index, server in enumerate(servers):
+        problem = _name_problem(server)
+        if problem:
+            raise section.error(f"servers[{index}]", problem)
+    fanout = section.get("fanout", bool, False)
+    if upstream:
+        methods = section.strings("methods")
+        if not methods:
+            raise section.error("methods", "must list the allowed methods (use [\"*\"] to allow all)")
+    else:
+        methods = section.strings("methods", ("*",))
+    exchange = section.get("exchange", str, None, _name_problem)
+    section.finish()
+    return RpcRule(topic=topic, servers=servers, fanout=fanout, methods=methods, exchange=exchange)
+
+
+def _notification_rule(section: Section) -> NotificationRule:
+    topic = section.get("topic", str, check=_name_problem)
+    priorities = section.strings("priorities")
+    if not priorities:
+        raise section.error("priorities", "must list at least one priority")
+    for index, priority in enumerate(priorities):
+        if priority not in PRIORITIES:
+            raise section.error(f"priorities[{index}]", f"must be one of {', '.join(PRIORITIES)}")
+    exchange = section.get("exchange", str, None, _name_problem)
+    section.finish()
+    return NotificationRule(topic=topic, priorities=priorities, exchange=exchange)
+
+
+def _no_loops(
+    section: Section,
+    down: tuple[RpcRule, ...],
+    up: tuple[RpcRule, ...],
+    notifications_down: tuple[NotificationRule, ...],
+    notifications_up: tuple[NotificationRule, ...],
+) -> None:
+    """
+    Refuse a topic routed both ways on one link: what msgmux publishes on one
+    broker it would consume again and send back, forever.
+    """
+    down_topics = {(rule.exchange, rule.topic) for rule in down}
+    for index, rule in enumerate(up):
+        if (rule.exchange, rule.topic) in down_topics:
+            raise section.error(f"up[{index}].topic", f"{rule.topic!r} is also routed down; it would loop")
+    down_keys = {(rule.exchange, rule.topic, p) for rule in notifications_down for p in rule.priorities}
+    for index, rule in enumerate(notifications_up):
+        for priority in rule.priorities:
+            if (rule.exchange, rule.topic, priority) in down_keys:
+                raise section.error(
+                    f"notifications_up[{index}].topic",
+                    f"{rule.topic}.{priority} is also routed down; it would loop",
+                )

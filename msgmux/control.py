@@ -1,0 +1,335 @@
+# -*- test-case-name: tests.test_control -*-
+"""
+The control half: the trust boundary.
+
+It runs in the control network with the control broker's credentials and
+one listening Unix socket per link.  Everything the tenant half sends is
+checked here (L{ControlRelay.inbound}): the route and method against the
+link's policy, the message size, the envelope, the call limits and, for
+replies, the signed reply token.  Whatever passes is stamped with the link's
+identity (AMQP header C{x-msgmux-link}) before it reaches the control broker.
+Link credit is paced by a token bucket, so a tenant cannot send faster than
+its C{max_rate}; the excess waits on the tenant broker.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+
+from msgmux.amqp.broker import BrokerService
+from msgmux.amqp.channel import Delivery
+from msgmux.calls import CallTracker
+from msgmux.config import ControlConfig, LinkConfig, RpcRule
+from msgmux.link.codec import FRAME_OVERHEAD, Message, NotificationAddress, ReplyAddress, RpcAddress
+from msgmux.link.protocol import ControlLinkProtocol, LinkProtocol
+from msgmux.oslo import envelope
+from msgmux.oslo.tokens import TokenError, TokenSigner
+from msgmux.oslo.topology import ExchangeSpec, OsloTopology, QueueSpec
+from msgmux.relay import Publication, Refusal, Relay
+from msgmux.routing import Destination, LinkRoutes, Source, destination, publish_topology, sources
+from msgmux.stats import LinkStats
+
+__all__ = ["ControlLink", "ControlLinkFactory", "ControlRelay", "IDENTITY_HEADER"]
+
+#: The AMQP header carrying the link a message came up from.
+IDENTITY_HEADER = "x-msgmux-link"
+
+
+class TokenBucket:
+    """
+    Classic token bucket: C{rate} tokens per second, at most C{burst} saved.
+    """
+
+    def __init__(self, rate: float, burst: int, clock: IReactorTime) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.clock = clock
+        self.tokens = float(burst)
+        self._updated = clock.seconds()
+
+    def _refill(self) -> None:
+        now = self.clock.seconds()
+        self.tokens = min(self.burst, self.tokens + (now - self._updated) * self.rate)
+        self._updated = now
+
+    def take(self, wanted: int) -> int:
+        """@return: how many of C{wanted} tokens were available (and taken)."""
+        self._refill()
+        granted = min(wanted, int(self.tokens))
+        self.tokens -= granted
+        return granted
+
+    def seconds_until_one(self) -> float:
+        """@return: how long until at least one token is available."""
+        self._refill()
+        return max(0.0, (1.0 - self.tokens) / self.rate)
+
+
+class ControlLink:
+    """
+    Everything about one link that outlives its sessions: policy, counters,
+    outstanding calls, and the session currently attached.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        config: LinkConfig,
+        control: ControlConfig,
+        broker: BrokerService,
+        signer: TokenSigner,
+        clock: IReactorTime,
+    ) -> None:
+        self.config = config
+        self.control = control
+        self.broker = broker
+        self.signer = signer
+        self.clock = clock
+        self.routes = LinkRoutes.from_link(config)
+        self.topology = OsloTopology(control.broker.queues, control.broker.exchange)
+        self.stats = LinkStats(config.name, clock)
+        self.calls = CallTracker(clock, self.stats)
+        self.bucket = TokenBucket(config.limits.max_rate, config.limits.burst, clock)
+        self.relay: ControlRelay | None = None
+        self.stats.gauges["link_up"] = 0
+
+    @property
+    def max_frame(self) -> int:
+        """Largest frame accepted from the tenant half."""
+        return self.config.limits.max_message_size + FRAME_OVERHEAD
+
+    def attach(self, protocol: LinkProtocol) -> ControlRelay | None:
+        """
+        A tenant half completed HELLO.
+
+        @return: the relay for its session, or L{None} if another tenant
+            half already holds this link.
+        """
+        if self.relay is not None and self.relay.active:
+            return None
+        self.relay = ControlRelay(self, protocol)
+        self.stats.count("sessions")
+        return self.relay
+
+
+class ControlLinkFactory(Factory):
+    """Builds the control end of the link for connections on one socket."""
+
+    def __init__(self, link: ControlLink) -> None:
+        self.link = link
+
+    def buildProtocol(self, addr: Any) -> ControlLinkProtocol:
+        link = self.link
+        protocol = ControlLinkProtocol(
+            clock=link.clock,
+            heartbeat=link.control.link_heartbeat,
+            max_frame=link.max_frame,
+            link_name=link.config.name,
+            routes=link.routes.to_wire(),
+            attach=link.attach,
+        )
+        protocol.violation_observers.append(lambda code, detail: link.stats.count("protocol_violations", code=code))
+        protocol.factory = self
+        return protocol
+
+
+def _expiration_seconds(properties: dict[str, Any]) -> float | None:
+    value = properties.get("expiration")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.isdigit() or len(value) > 10:
+        raise Refusal("malformed", f"expiration {value!r} is not a number of milliseconds")
+    return int(value) / 1000.0
+
+
+class ControlRelay(Relay):
+    """One tenant session of a link, seen from the control half."""
+
+    direction_out = "down"
+    direction_in = "up"
+
+    def __init__(self, owner: ControlLink, link: LinkProtocol) -> None:
+        super().__init__(link, owner.broker, owner.clock, owner.control.link_window, owner.stats)
+        self.owner = owner
+        self.config = owner.config
+        self._owed_credit = 0
+        self._credit_call: Any = None
+
+    # --- topology -------------------------------------------------------
+
+    def sources(self) -> list[Source]:
+        return sources(self.config.name, self.config.down, self.config.notifications_down, self.owner.topology)
+
+    def publish_declarations(self) -> tuple[list[ExchangeSpec], list[QueueSpec]]:
+        return publish_topology(self.config.up, self.config.notifications_up, self.owner.topology)
+
+    # --- credit pacing ----------------------------------------------------
+
+    def return_credit(self, count: int) -> None:
+        self._owed_credit += count
+        self._pay_credit()
+
+    def _pay_credit(self) -> None:
+        self._credit_call = None
+        if not self.active or not self._owed_credit:
+            return
+        granted = self.owner.bucket.take(self._owed_credit)
+        if granted:
+            self._owed_credit -= granted
+            self.link.grant(granted)
+        if self._owed_credit:
+            self.stats.count("throttled")
+            self._credit_call = self.clock.callLater(max(0.005, self.owner.bucket.seconds_until_one()), self._pay_credit)
+
+    def session_ended(self, reason: str) -> None:
+        if self._credit_call is not None and self._credit_call.active():
+            self._credit_call.cancel()
+        super().session_ended(reason)
+
+    # --- downstream: control broker -> tenant -------------------------------
+
+    def outbound(self, source: Source, delivery: Delivery) -> Message | None:
+        properties = delivery.properties
+        headers = properties.get("headers")
+        if headers and headers.get(IDENTITY_HEADER) == self.config.name:
+            delivery.reject(requeue=False)
+            self.stats.reject("down", "loop", f"message from link {self.config.name} routed back to it")
+            return None
+        if "user_id" in properties:
+            properties = {k: v for k, v in properties.items() if k != "user_id"}
+        if isinstance(source.address, ReplyAddress):
+            return self._reply_down(delivery, properties)
+        address = source.address_for(delivery.routing_key)
+        now = self.clock.seconds()
+        try:
+            expiration = _expiration_seconds(properties)
+        except Refusal as refusal:
+            delivery.reject(requeue=False)
+            self.stats.reject("down", refusal.reason, refusal.detail)
+            return None
+        deadline = None if expiration is None else now + expiration
+        body = delivery.body
+        if isinstance(address, RpcAddress) and envelope.might_be_call(body):
+            try:
+                parsed = envelope.parse(body)
+            except envelope.EnvelopeError:
+                parsed = None  # not ours to judge: relay it as it is
+            if parsed is not None and parsed.is_call:
+                limit = self.config.limits.max_call_timeout
+                deadline = now + min(expiration if expiration is not None else limit, limit)
+                token = self.owner.signer.issue(self.config.name, parsed.msg_id or "", parsed.reply_queue or "", deadline)
+                body = parsed.with_inner(_msg_id=token, _reply_q=self.owner.routes.reply_queue)
+                self.owner.calls.begin(token, deadline, "down")
+        return Message(0, address, properties, body, deadline)
+
+    def _reply_down(self, delivery: Delivery, properties: dict[str, Any]) -> Message | None:
+        """A control server answered a tenant's call: restore and send it down."""
+        try:
+            parsed = envelope.parse(delivery.body)
+            token = self.owner.signer.verify(self.config.name, parsed.msg_id or "")
+        except (envelope.EnvelopeError, TokenError) as e:
+            delivery.reject(requeue=False)
+            self.stats.reject("down", "unsolicited-reply", str(e))
+            return None
+        if self.clock.seconds() >= token.deadline:
+            delivery.ack()
+            self.stats.count("late_replies", direction="down")
+            return None
+        if parsed.inner.get("ending"):
+            self.owner.calls.answered(parsed.msg_id or "")
+        body = parsed.with_inner(_msg_id=token.msg_id)
+        return Message(0, ReplyAddress(token.reply_queue), properties, body, token.deadline)
+
+    # --- upstream: tenant -> control broker: the policy ---------------------
+
+    def inbound(self, message: Message) -> Publication:
+        limit = self.config.limits.max_message_size
+        if len(message.body) > limit:
+            raise Refusal("too-large", f"{len(message.body)} bytes, the limit is {limit}")
+        properties = self._stamped(message.properties)
+        address = message.address
+        if isinstance(address, RpcAddress):
+            return self._rpc_up(address, properties, message.body)
+        if isinstance(address, NotificationAddress):
+            return self._notification_up(address, properties, message.body)
+        return self._reply_up(properties, message.body)
+
+    def _stamped(self, properties: Any) -> dict[str, Any]:
+        """Drop what the tenant must not set; stamp the link's identity."""
+        stamped = {k: v for k, v in properties.items() if k != "user_id"}
+        _expiration_seconds(stamped)  # refuse garbage RabbitMQ would choke on
+        headers = dict(stamped.get("headers") or {})
+        headers[IDENTITY_HEADER] = self.config.name
+        stamped["headers"] = headers
+        return stamped
+
+    def _up_rule(self, address: RpcAddress) -> RpcRule | None:
+        for rule in self.config.up:
+            if rule.topic != address.topic or rule.exchange != address.exchange:
+                continue
+            if address.fanout and not rule.fanout:
+                continue
+            if address.server is not None and address.server not in rule.servers:
+                continue
+            return rule
+        return None
+
+    def _rpc_up(self, address: RpcAddress, properties: dict[str, Any], body: bytes) -> Publication:
+        rule = self._up_rule(address)
+        if rule is None:
+            raise Refusal("route", f"no up route for {_describe(address)}")
+        parsed = _parse(body)
+        method = parsed.method
+        if method is None or not rule.allows_method(method):
+            raise Refusal("method", f"method {method!r} is not allowed on {_describe(address)}")
+        deadline = None
+        if parsed.is_call:
+            limits = self.config.limits
+            if self.owner.calls.inflight("up") >= limits.max_inflight_calls:
+                raise Refusal("inflight", f"{limits.max_inflight_calls} calls already in flight")
+            expiration = _expiration_seconds(properties)
+            now = self.clock.seconds()
+            deadline = now + min(expiration if expiration is not None else limits.max_call_timeout, limits.max_call_timeout)
+            token = self.owner.signer.issue(self.config.name, parsed.msg_id or "", parsed.reply_queue or "", deadline)
+            body = parsed.with_inner(_msg_id=token, _reply_q=self.owner.routes.reply_queue)
+            self.owner.calls.begin(token, deadline, "up")
+        return Publication(destination(address, self.owner.topology), properties, body, deadline)
+
+    def _notification_up(self, address: NotificationAddress, properties: dict[str, Any], body: bytes) -> Publication:
+        for rule in self.config.notifications_up:
+            if rule.topic == address.topic and rule.exchange == address.exchange and address.priority in rule.priorities:
+                break
+        else:
+            raise Refusal("route", f"no up route for notification {address.topic}.{address.priority}")
+        _parse(body)
+        return Publication(destination(address, self.owner.topology), properties, body)
+
+    def _reply_up(self, properties: dict[str, Any], body: bytes) -> Publication:
+        parsed = _parse(body)
+        try:
+            token = self.owner.signer.verify(self.config.name, parsed.msg_id or "")
+        except TokenError as e:
+            raise Refusal("unsolicited-reply", f"reply for a call this link was not asked: {e}") from None
+        if self.clock.seconds() >= token.deadline:
+            raise Refusal("late-reply", "reply after the call's deadline")
+        if parsed.inner.get("ending"):
+            self.owner.calls.answered(parsed.msg_id or "")
+        body = parsed.with_inner(_msg_id=token.msg_id)
+        return Publication(Destination("", token.reply_queue, mandatory=True), properties, body)
+
+
+def _parse(body: bytes) -> envelope.Envelope:
+    try:
+        return envelope.parse(body)
+    except envelope.EnvelopeError as e:
+        raise Refusal("malformed", str(e)) from None
+
+
+def _describe(address: RpcAddress) -> str:
+    target = address.topic if address.server is None else f"{address.topic}.{address.server}"
+    return f"{target} (fanout)" if address.fanout else target

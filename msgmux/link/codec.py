@@ -1,0 +1,514 @@
+# -*- test-case-name: tests.test_codec -*-
+"""
+The link frame codec: bytes to L{Frame} values and back, with no I/O.
+
+A frame on the Unix socket is a 32-bit big-endian length followed by that many
+bytes of CBOR encoding one array whose first element is the frame type.  The
+layout is specified in C{docs/protocol.md}; this module is its reference
+implementation.  Decoding is strict: any deviation (size, CBOR, type, field
+shape) raises L{FrameError} and nothing else, because the bytes come from a
+peer that may be hostile.
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import struct
+from collections.abc import Mapping
+from typing import Any, Union
+
+import attrs
+import cbor2
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "Ack",
+    "Close",
+    "Credit",
+    "Frame",
+    "FrameDecoder",
+    "FrameError",
+    "Heartbeat",
+    "Hello",
+    "Message",
+    "NotificationAddress",
+    "Reject",
+    "ReplyAddress",
+    "RpcAddress",
+    "Welcome",
+    "decode_frame",
+    "encode",
+]
+
+PROTOCOL_VERSION = 1
+
+#: Room for everything in a MSG frame that is not the body.
+FRAME_OVERHEAD = 64 * 1024
+
+#: Ceiling on one frame's CBOR payload where no smaller one was agreed:
+#: RabbitMQ's own largest message plus envelope room.  The control half
+#: announces its smaller limit for upstream frames in WELCOME.
+DEFAULT_MAX_FRAME = 128 * 1024 * 1024 + FRAME_OVERHEAD
+
+_LENGTH = struct.Struct(">I")
+
+# Frame type codes (first array element).
+HELLO, WELCOME, MSG, ACK, REJECT, CREDIT, HEARTBEAT, CLOSE = range(8)
+
+# Message kinds (third MSG element).
+KIND_RPC, KIND_NOTIFICATION, KIND_REPLY = range(3)
+
+#: The AMQP basic properties a message may carry, with their Python types.
+PROPERTY_TYPES: Mapping[str, type | tuple[type, ...]] = {
+    "content_type": str,
+    "content_encoding": str,
+    "headers": dict,
+    "delivery_mode": int,
+    "priority": int,
+    "correlation_id": str,
+    "reply_to": str,
+    "expiration": str,
+    "message_id": str,
+    "timestamp": int,
+    "type": str,
+    "user_id": str,
+    "app_id": str,
+    "cluster_id": str,
+}
+
+
+class FrameError(Exception):
+    """The peer sent bytes that are not a valid frame; the link must close."""
+
+
+# --- frame values ---------------------------------------------------------
+
+
+@attrs.frozen
+class Hello:
+    """
+    Tenant to control, first frame: who I am and what I speak.
+
+    @ivar versions: protocol versions the tenant half supports.
+    @ivar link: the link name it expects to serve, or L{None}.
+    @ivar software: free-form implementation identifier, for logs.
+    """
+
+    versions: tuple[int, ...]
+    link: str | None
+    software: str
+
+
+@attrs.frozen
+class Welcome:
+    """
+    Control to tenant, answer to HELLO: the session's terms.
+
+    @ivar routes: what the tenant half must serve, as defined in
+        C{docs/protocol.md} (plain CBOR data; see L{msgmux.routing}).
+    """
+
+    version: int
+    link: str
+    session: str
+    heartbeat: float
+    max_frame: int
+    routes: Mapping[str, Any]
+
+
+@attrs.frozen
+class RpcAddress:
+    """An oslo RPC target: exchange (L{None}: the broker's), topic, server, fanout."""
+
+    exchange: str | None
+    topic: str
+    server: str | None = None
+    fanout: bool = False
+
+
+@attrs.frozen
+class NotificationAddress:
+    """An oslo notification target: exchange (L{None}: the broker's), topic, priority."""
+
+    exchange: str | None
+    topic: str
+    priority: str
+
+
+@attrs.frozen
+class ReplyAddress:
+    """
+    An RPC reply.  Downstream it names the caller's reply queue on the tenant
+    broker; upstream it is empty (the control half reads the reply token).
+    """
+
+    queue: str | None = None
+
+
+Address = Union[RpcAddress, NotificationAddress, ReplyAddress]
+
+
+@attrs.frozen
+class Message:
+    """
+    One relayed AMQP message.
+
+    @ivar seq: per-session, per-direction sequence number, acknowledged by
+        L{Ack} once the destination broker confirmed the publish.
+    @ivar properties: AMQP basic properties (keys of L{PROPERTY_TYPES}).
+    @ivar deadline: absolute expiry (Unix time) for call requests, else
+        L{None}.
+    """
+
+    seq: int
+    address: Address
+    properties: Mapping[str, Any]
+    body: bytes
+    deadline: float | None = None
+
+
+@attrs.frozen
+class Ack:
+    """The destination broker confirmed these messages; ack them at the source."""
+
+    seqs: tuple[int, ...]
+
+
+@attrs.frozen
+class Reject:
+    """
+    The receiver refused a message for good (policy, limits, malformed
+    content): the sender drops it at its source without requeueing.
+    """
+
+    seq: int
+    reason: str
+
+
+@attrs.frozen
+class Credit:
+    """The receiver accepts C{increment} more messages."""
+
+    increment: int
+
+
+@attrs.frozen
+class Heartbeat:
+    """Sent when a half has sent nothing else for one heartbeat interval."""
+
+
+@attrs.frozen
+class Close:
+    """Last frame before a half closes the socket, saying why."""
+
+    code: str
+    detail: str
+
+
+Frame = Union[Hello, Welcome, Message, Ack, Reject, Credit, Heartbeat, Close]
+
+
+# --- encoding -------------------------------------------------------------
+
+
+def _address_array(address: Address) -> tuple[int, list[Any]]:
+    if isinstance(address, RpcAddress):
+        return KIND_RPC, [address.exchange, address.topic, address.server, address.fanout]
+    if isinstance(address, NotificationAddress):
+        return KIND_NOTIFICATION, [address.exchange, address.topic, address.priority]
+    return KIND_REPLY, [address.queue]
+
+
+def _frame_array(frame: Frame) -> list[Any]:
+    if isinstance(frame, Message):
+        kind, address = _address_array(frame.address)
+        return [MSG, frame.seq, kind, address, dict(frame.properties), frame.body, frame.deadline]
+    if isinstance(frame, Ack):
+        return [ACK, list(frame.seqs)]
+    if isinstance(frame, Credit):
+        return [CREDIT, frame.increment]
+    if isinstance(frame, Reject):
+        return [REJECT, frame.seq, frame.reason]
+    if isinstance(frame, Heartbeat):
+        return [HEARTBEAT]
+    if isinstance(frame, Close):
+        return [CLOSE, frame.code, frame.detail]
+    if isinstance(frame, Hello):
+        return [HELLO, {"versions": list(frame.versions), "link": frame.link, "software": frame.software}]
+    if isinstance(frame, Welcome):
+        return [
+            WELCOME,
+            {
+                "version": frame.version,
+                "link": frame.link,
+                "session": frame.session,
+                "heartbeat": frame.heartbeat,
+                "max_frame": frame.max_frame,
+                "routes": frame.routes,
+            },
+        ]
+    raise TypeError(f"not a frame: {frame!r}")
+
+
+def encode_payload(frame: Frame) -> bytes:
+    """
+    @param frame: a frame value.
+    @return: its CBOR payload, without the length prefix.
+    """
+    return cbor2.dumps(_frame_array(frame), datetime_as_timestamp=True)
+
+
+def encode(frame: Frame) -> bytes:
+    """
+    @param frame: a frame value.
+    @return: the bytes to write on the socket (length prefix included).
+    """
+    payload = encode_payload(frame)
+    return _LENGTH.pack(len(payload)) + payload
+
+
+# --- decoding -------------------------------------------------------------
+
+
+def _refuse_tag(decoder: Any, *args: Any) -> Any:
+    raise FrameError("CBOR tag not allowed")
+
+
+# Tags cbor2 would otherwise decode natively.  Only 1 (epoch timestamps) and 4
+# (decimal fractions) are allowed: they carry AMQP header values of types T
+# and D.  Everything else (regexes, MIME, shared references, bignums, sets...)
+# is either costly to decode or meaningless here.
+_REFUSED_TAGS = {
+    tag: _refuse_tag
+    for tag in (0, 2, 3, 5, 21, 22, 23, 24, 25, 28, 29, 30, 32, 33, 34, 35, 36, 37, 52, 54, 100, 256, 258, 260, 261, 1004, 55799)
+}
+
+
+def decode_frame(payload: bytes) -> Frame:
+    """
+    Decode one frame payload (the bytes after the length prefix).
+
+    @param payload: CBOR bytes.
+    @return: the frame.
+    @raise FrameError: for anything that is not a well-formed frame.
+    """
+    try:
+        array = cbor2.loads(
+            payload,
+            tag_hook=_refuse_tag,
+            semantic_decoders=_REFUSED_TAGS,
+            max_depth=32,
+            allow_indefinite=False,
+            strict_hashable_types=True,
+        )
+    except FrameError:
+        raise
+    except Exception as e:  # cbor2 raises CBORDecodeError, MemoryError, OverflowError...
+        raise FrameError(f"bad CBOR: {type(e).__name__}: {e}") from None
+    if type(array) is not list or not array:
+        raise FrameError("frame is not a non-empty CBOR array")
+    try:
+        return _DECODERS[array[0]](array)
+    except FrameError:
+        raise
+    except (KeyError, TypeError):
+        raise FrameError(f"unknown frame type {array[0]!r}") from None
+
+
+def _expect(condition: bool, what: str) -> None:
+    if not condition:
+        raise FrameError(what)
+
+
+def _is_uint(value: object, bits: int = 64) -> bool:
+    return type(value) is int and 0 <= value < (1 << bits)
+
+
+def _is_str(value: object) -> bool:
+    return type(value) is str
+
+
+def _optional_str(value: object) -> bool:
+    return value is None or type(value) is str
+
+
+def _fields(array: list[Any], count: int, name: str) -> list[Any]:
+    _expect(len(array) == count, f"{name} frame needs {count - 1} fields, has {len(array) - 1}")
+    return array
+
+
+def _decode_message(array: list[Any]) -> Message:
+    _, seq, kind, address, properties, body, deadline = _fields(array, 7, "MSG")
+    _expect(_is_uint(seq) and seq > 0, "MSG seq must be a positive integer")
+    _expect(type(address) is list, "MSG address must be an array")
+    _expect(type(body) is bytes, "MSG body must be a byte string")
+    _expect(deadline is None or type(deadline) in (float, int), "MSG deadline must be a number or null")
+    return Message(
+        seq=seq,
+        address=_decode_address(kind, address),
+        properties=_decode_properties(properties),
+        body=body,
+        deadline=None if deadline is None else float(deadline),
+    )
+
+
+def _decode_address(kind: object, address: list[Any]) -> Address:
+    if kind == KIND_RPC and len(address) == 4:
+        exchange, topic, server, fanout = address
+        _expect(_optional_str(exchange) and _is_str(topic) and _optional_str(server), "bad RPC address")
+        _expect(type(fanout) is bool, "bad RPC address: fanout must be a boolean")
+        return RpcAddress(exchange, topic, server, fanout)
+    if kind == KIND_NOTIFICATION and len(address) == 3:
+        exchange, topic, priority = address
+        _expect(_optional_str(exchange) and _is_str(topic) and _is_str(priority), "bad notification address")
+        return NotificationAddress(exchange, topic, priority)
+    if kind == KIND_REPLY and len(address) == 1:
+        _expect(_optional_str(address[0]), "bad reply address")
+        return ReplyAddress(address[0])
+    raise FrameError(f"bad message kind {kind!r} or address {address!r}"[:200])
+
+
+def _decode_properties(properties: object) -> dict[str, Any]:
+    _expect(type(properties) is dict, "MSG properties must be a map")
+    assert isinstance(properties, dict)
+    for name, value in properties.items():
+        expected = PROPERTY_TYPES.get(name)
+        _expect(expected is not None, f"unknown message property {name!r}"[:200])
+        _expect(type(value) is expected, f"message property {name} has the wrong type")
+    if "headers" in properties:
+        _check_header_table(properties["headers"])
+    return properties
+
+
+_HEADER_SCALARS = (str, bytes, int, float, bool, decimal.Decimal, datetime.datetime, type(None))
+
+
+def _check_header_table(table: dict[Any, Any]) -> None:
+    for key, value in table.items():
+        _expect(type(key) is str, "header names must be text")
+        _check_header_value(value)
+
+
+def _check_header_value(value: object) -> None:
+    if type(value) is dict:
+        _check_header_table(value)  # type: ignore[arg-type]
+    elif type(value) is list:
+        for item in value:  # type: ignore[attr-defined]
+            _check_header_value(item)
+    else:
+        _expect(type(value) in _HEADER_SCALARS, f"header value of type {type(value).__name__} not allowed")
+
+
+def _decode_ack(array: list[Any]) -> Ack:
+    _, seqs = _fields(array, 2, "ACK")
+    _expect(type(seqs) is list and all(_is_uint(s) and s > 0 for s in seqs), "ACK needs an array of sequence numbers")
+    return Ack(tuple(seqs))
+
+
+def _decode_reject(array: list[Any]) -> Reject:
+    _, seq, reason = _fields(array, 3, "REJECT")
+    _expect(_is_uint(seq) and seq > 0 and _is_str(reason), "REJECT needs a sequence number and a reason")
+    return Reject(seq, reason)
+
+
+def _decode_credit(array: list[Any]) -> Credit:
+    _, increment = _fields(array, 2, "CREDIT")
+    _expect(_is_uint(increment, 32), "CREDIT needs a non-negative 32-bit increment")
+    return Credit(increment)
+
+
+def _decode_heartbeat(array: list[Any]) -> Heartbeat:
+    _fields(array, 1, "HEARTBEAT")
+    return Heartbeat()
+
+
+def _decode_close(array: list[Any]) -> Close:
+    _, code, detail = _fields(array, 3, "CLOSE")
+    _expect(_is_str(code) and _is_str(detail), "CLOSE needs a code and a detail")
+    return Close(code, detail)
+
+
+def _decode_hello(array: list[Any]) -> Hello:
+    _, body = _fields(array, 2, "HELLO")
+    _expect(type(body) is dict, "HELLO body must be a map")
+    versions = body.get("versions")
+    _expect(type(versions) is list and all(_is_uint(v, 16) for v in versions), "HELLO versions must be integers")
+    _expect(_optional_str(body.get("link")) and _is_str(body.get("software", "")), "HELLO link/software must be text")
+    return Hello(tuple(versions), body.get("link"), body.get("software", ""))
+
+
+def _decode_welcome(array: list[Any]) -> Welcome:
+    _, body = _fields(array, 2, "WELCOME")
+    _expect(type(body) is dict, "WELCOME body must be a map")
+    try:
+        welcome = Welcome(
+            version=body["version"],
+            link=body["link"],
+            session=body["session"],
+            heartbeat=float(body["heartbeat"]),
+            max_frame=body["max_frame"],
+            routes=body["routes"],
+        )
+    except (KeyError, TypeError, ValueError):
+        raise FrameError("WELCOME lacks a field or has a mistyped one") from None
+    _expect(_is_uint(welcome.version, 16) and _is_str(welcome.link) and _is_str(welcome.session), "bad WELCOME")
+    _expect(_is_uint(welcome.max_frame, 32) and welcome.heartbeat > 0, "bad WELCOME limits")
+    _expect(type(welcome.routes) is dict, "WELCOME routes must be a map")
+    return welcome
+
+
+_DECODERS = {
+    HELLO: _decode_hello,
+    WELCOME: _decode_welcome,
+    MSG: _decode_message,
+    ACK: _decode_ack,
+    REJECT: _decode_reject,
+    CREDIT: _decode_credit,
+    HEARTBEAT: _decode_heartbeat,
+    CLOSE: _decode_close,
+}
+
+
+class FrameDecoder:
+    """
+    Incremental decoder: feed it socket bytes in any pieces, get frames.
+
+    After it raised L{FrameError} it is broken for good; the protocol closes
+    the link.
+
+    @ivar max_frame: largest accepted payload; a larger length prefix is an
+        error before any of the payload is buffered.
+    """
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.max_frame = max_frame
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[Frame]:
+        """
+        @param data: the next bytes from the socket.
+        @return: the frames completed by them, in order.
+        @raise FrameError: when the stream is not valid.
+        """
+        buffer = self._buffer
+        buffer += data
+        frames = []
+        offset = 0
+        end = len(buffer)
+        while end - offset >= 4:
+            (length,) = _LENGTH.unpack_from(buffer, offset)
+            if length > self.max_frame:
+                raise FrameError(f"frame of {length} bytes exceeds the limit of {self.max_frame}")
+            if end - offset - 4 < length:
+                break
+            start = offset + 4
+            offset = start + length
+            frames.append(decode_frame(bytes(buffer[start:offset])))
+        del buffer[:offset]
+        return frames
+
+    @property
+    def pending(self) -> int:
+        """Bytes received that do not yet make a whole frame."""
+        return len(self._buffer)

@@ -1,0 +1,476 @@
+# -*- test-case-name: tests.test_link_protocol -*-
+"""
+The link protocol: frames over a Unix stream socket between the two halves.
+
+L{LinkProtocol} does everything both halves share: decoding with
+L{msgmux.link.codec.FrameDecoder}, heartbeats, sequence numbers, credit
+accounting and ACK/CREDIT batching, and closing with a reason.  The
+handshake differs by role: L{ControlLinkProtocol} waits for HELLO and answers
+WELCOME; L{TenantLinkProtocol} says HELLO and waits for WELCOME.  Once the
+session is up, messages and their outcomes go to a L{SessionHandler} (the
+relay of that half).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import uuid
+from typing import Any, Callable, Protocol
+
+import attrs
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol as TwistedProtocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from msgmux import __version__
+from msgmux.link import codec
+from msgmux.link.codec import (
+    Ack,
+    Close,
+    Credit,
+    Frame,
+    FrameError,
+    Heartbeat,
+    Hello,
+    Message,
+    Reject,
+    Welcome,
+)
+
+#: Seconds a new connection may take to complete the handshake.
+HANDSHAKE_TIMEOUT = 10.0
+
+#: Sequence numbers acknowledged per ACK frame at most.
+ACK_BATCH = 256
+
+
+class SessionHandler(Protocol):
+    """What a half does with an established link session."""
+
+    def session_started(self, link: LinkProtocol) -> None:
+        """The handshake completed; C{link} can carry messages."""
+
+    def message_received(self, message: Message) -> None:
+        """
+        The peer sent a message; answer later with L{LinkProtocol.acknowledge}
+        or L{LinkProtocol.refuse}.
+        """
+
+    def messages_acknowledged(self, tokens: list[Any]) -> None:
+        """The peer's broker confirmed messages we sent (their send tokens)."""
+
+    def message_refused(self, token: Any, reason: str) -> None:
+        """The peer refused a message we sent, for good."""
+
+    def credit_received(self) -> None:
+        """The peer allowed more messages; L{LinkProtocol.send_credit} grew."""
+
+    def session_ended(self, reason: str) -> None:
+        """The session is over (the socket closed); in-flight state is void."""
+
+
+class MessageTooLarge(Exception):
+    """A message does not fit the largest frame the peer accepts."""
+
+
+class ProtocolViolation(Exception):
+    """The peer broke the protocol; the link closes with C{code}."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
+class LinkProtocol(TwistedProtocol):
+    """
+    Shared machinery of both ends of a link.
+
+    @ivar send_credit: messages we may still send before the peer grants more.
+    @ivar receive_credit: messages the peer may still send us.
+    @ivar session: the session id from WELCOME, once established.
+    @ivar close_reason: why the link closed (or is closing), for logs and tests.
+    """
+
+    _log = Logger()
+
+    def __init__(self, clock: IReactorTime, heartbeat: float, max_frame: int = codec.DEFAULT_MAX_FRAME) -> None:
+        self.clock = clock
+        self.heartbeat = heartbeat
+        self.decoder = codec.FrameDecoder(max_frame)
+        self.peer_max_frame = codec.DEFAULT_MAX_FRAME
+        self.handler: SessionHandler | None = None
+        self.session: str | None = None
+        self.link_name: str | None = None
+        self.send_credit = 0
+        self.receive_credit = 0
+        self.close_reason: str | None = None
+        self.violation_observers: list[Callable[[str, str], None]] = []
+        self._next_seq = 1
+        self._expected_seq = 1
+        self._unacked: dict[int, Any] = {}
+        self._pending_acks: list[int] = []
+        self._pending_credit = 0
+        self._flush_call: Any = None
+        self._last_received = 0.0
+        self._last_sent = 0.0
+        self._heartbeat_loop: LoopingCall | None = None
+        self._handshake_timer: Any = None
+
+    # --- connection lifecycle ---------------------------------------------
+
+    def connectionMade(self) -> None:
+        now = self.clock.seconds()
+        self._last_received = self._last_sent = now
+        self._handshake_timer = self.clock.callLater(HANDSHAKE_TIMEOUT, self._handshake_timed_out)
+
+    def _handshake_timed_out(self) -> None:
+        self._handshake_timer = None
+        self.close("handshake-timeout", f"no handshake within {HANDSHAKE_TIMEOUT:.0f}s")
+
+    def _session_started(self) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+        loop = LoopingCall(self._check_heartbeat)
+        loop.clock = self.clock
+        loop.start(self.heartbeat, now=False)
+        self._heartbeat_loop = loop
+        assert self.handler is not None
+        self.handler.session_started(self)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError("lost"))) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+        if self._heartbeat_loop is not None and self._heartbeat_loop.running:
+            self._heartbeat_loop.stop()
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        if self.close_reason is None:
+            self.close_reason = f"connection lost: {reason.getErrorMessage()}"
+        handler, self.handler = self.handler, None
+        self._unacked.clear()
+        if handler is not None and self.session is not None:
+            handler.session_ended(self.close_reason)
+
+    @property
+    def established(self) -> bool:
+        """Whether the session is up and usable."""
+        return self.handler is not None and self.session is not None and self.close_reason is None
+
+    def close(self, code: str, detail: str) -> None:
+        """
+        Say why, then close.  Idempotent.
+
+        @param code: a short machine-readable reason (see C{docs/protocol.md}).
+        @param detail: words for the log of the other half.
+        """
+        if self.close_reason is not None:
+            return
+        self.close_reason = f"{code}: {detail}"
+        if self.transport is not None:
+            self._flush()
+            self._write(Close(code, detail[:500]))
+            self.transport.loseConnection()
+
+    def _violation(self, code: str, detail: str) -> None:
+        self._log.warn(
+            "Link {link}: protocol violation ({code}): {detail}; closing",
+            link=self.link_name or "?",
+            code=code,
+            detail=detail,
+        )
+        for observer in list(self.violation_observers):
+            observer(code, detail)
+        self.close(code, detail)
+
+    # --- incoming -----------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        self._last_received = self.clock.seconds()
+        if self.close_reason is not None:
+            return
+        try:
+            frames = self.decoder.feed(data)
+        except FrameError as e:
+            self._violation("bad-frame", str(e))
+            return
+        try:
+            for frame in frames:
+                if self.close_reason is not None:
+                    return
+                self.frame_received(frame)
+        except ProtocolViolation as e:
+            self._violation(e.code, e.detail)
+
+    def frame_received(self, frame: Frame) -> None:
+        """Dispatch one frame of an established session (handshake frames are the subclasses')."""
+        if isinstance(frame, Heartbeat):
+            return
+        if isinstance(frame, Close):
+            self.close_reason = f"peer closed: {frame.code}: {frame.detail}"
+            self._log.info(
+                "Link {link}: peer closed ({code}): {detail}", link=self.link_name or "?", code=frame.code, detail=frame.detail
+            )
+            self.transport.loseConnection()
+            return
+        if not self.established:
+            raise ProtocolViolation("unexpected-frame", f"{type(frame).__name__} before the handshake completed")
+        assert self.handler is not None
+        if isinstance(frame, Message):
+            if frame.seq != self._expected_seq:
+                raise ProtocolViolation("bad-sequence", f"expected MSG {self._expected_seq}, got {frame.seq}")
+            if self.receive_credit <= 0:
+                raise ProtocolViolation("flow-control", f"MSG {frame.seq} sent without credit")
+            self._expected_seq += 1
+            self.receive_credit -= 1
+            self.handler.message_received(frame)
+        elif isinstance(frame, Ack):
+            tokens = []
+            for seq in frame.seqs:
+                if seq not in self._unacked:
+                    raise ProtocolViolation("bad-ack", f"ACK for {seq}, which is not outstanding")
+                tokens.append(self._unacked.pop(seq))
+            self.handler.messages_acknowledged(tokens)
+        elif isinstance(frame, Reject):
+            if frame.seq not in self._unacked:
+                raise ProtocolViolation("bad-ack", f"REJECT for {frame.seq}, which is not outstanding")
+            self.handler.message_refused(self._unacked.pop(frame.seq), frame.reason)
+        elif isinstance(frame, Credit):
+            if self.send_credit + frame.increment > 1 << 20:
+                raise ProtocolViolation("flow-control", "credit beyond 2**20 messages")
+            self.send_credit += frame.increment
+            if frame.increment:
+                self.handler.credit_received()
+        else:
+            raise ProtocolViolation("unexpected-frame", f"{type(frame).__name__} after the handshake")
+
+    # --- outgoing -----------------------------------------------------------
+
+    def _write(self, frame: Frame) -> None:
+        payload = codec.encode_payload(frame)
+        self.transport.writeSequence([struct.pack(">I", len(payload)), payload])
+        self._last_sent = self.clock.seconds()
+
+    def send_message(self, message: Message, token: Any) -> None:
+        """
+        Send a message; requires credit.
+
+        @param message: with any C{seq}; the link numbers it.
+        @param token: what L{SessionHandler.messages_acknowledged} or
+            L{SessionHandler.message_refused} hands back for it.
+        @raise MessageTooLarge: when the frame would exceed what the peer
+            accepts (nothing is sent, no credit is used).
+        @raise RuntimeError: without credit or session (a bug in the caller).
+        """
+        if self.send_credit <= 0 or not self.established:
+            raise RuntimeError("send_message without credit or session")
+        seq = self._next_seq
+        payload = codec.encode_payload(attrs.evolve(message, seq=seq))
+        if len(payload) > self.peer_max_frame:
+            raise MessageTooLarge(f"{len(payload)} bytes, the peer accepts {self.peer_max_frame}")
+        self._next_seq += 1
+        self.send_credit -= 1
+        self._unacked[seq] = token
+        self.transport.writeSequence([struct.pack(">I", len(payload)), payload])
+        self._last_sent = self.clock.seconds()
+
+    @property
+    def unacknowledged(self) -> int:
+        """Messages we sent that the peer has not acknowledged yet."""
+        return len(self._unacked)
+
+    def acknowledge(self, seq: int) -> None:
+        """
+        The message C{seq} from the peer is safely published: ACK it (batched
+        to the end of this reactor turn).
+        """
+        if self.close_reason is not None:
+            return
+        self._pending_acks.append(seq)
+        if len(self._pending_acks) >= ACK_BATCH:
+            self._flush()
+        else:
+            self._schedule_flush()
+
+    def refuse(self, seq: int, reason: str) -> None:
+        """Refuse the peer's message C{seq} for good."""
+        if self.close_reason is None:
+            self._write(Reject(seq, reason))
+
+    def grant(self, increment: int) -> None:
+        """Allow the peer C{increment} more messages (batched)."""
+        if self.close_reason is not None or increment <= 0:
+            return
+        self.receive_credit += increment
+        self._pending_credit += increment
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if self._flush_call is None or not self._flush_call.active():
+            self._flush_call = self.clock.callLater(0, self._flush)
+
+    def _flush(self) -> None:
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        if self.transport is None or self.close_reason is not None and not self._pending_acks:
+            return
+        while self._pending_acks:
+            batch, self._pending_acks = self._pending_acks[:ACK_BATCH], self._pending_acks[ACK_BATCH:]
+            self._write(Ack(tuple(batch)))
+        if self._pending_credit:
+            increment, self._pending_credit = self._pending_credit, 0
+            self._write(Credit(increment))
+
+    def _check_heartbeat(self) -> None:
+        now = self.clock.seconds()
+        if now - self._last_received > 3 * self.heartbeat:
+            self.close("heartbeat-timeout", f"nothing received for {now - self._last_received:.1f}s")
+        elif now - self._last_sent >= self.heartbeat * 0.9:
+            self._write(Heartbeat())
+
+
+def peer_credentials(transport: Any) -> tuple[int, int, int] | None:
+    """
+    @param transport: a connected Unix socket transport.
+    @return: the peer's (pid, uid, gid) from C{SO_PEERCRED}, or L{None}
+        where the platform or transport cannot tell.
+    """
+    get_handle = getattr(transport, "getHandle", None)
+    if get_handle is None or not hasattr(socket, "SO_PEERCRED"):
+        return None
+    try:
+        raw = get_handle().getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+class ControlLinkProtocol(LinkProtocol):
+    """
+    The control half's end: waits for HELLO, checks it, answers WELCOME with
+    the routes the tenant half must serve.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        heartbeat: float,
+        max_frame: int,
+        link_name: str,
+        routes: dict[str, Any],
+        attach: Callable[[ControlLinkProtocol], SessionHandler | None],
+    ) -> None:
+        super().__init__(clock, heartbeat, max_frame)
+        self.link_name = link_name
+        self._routes = routes
+        self._attach = attach
+        self.peer: tuple[int, int, int] | None = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.peer = peer_credentials(self.transport)
+        pid, uid, gid = self.peer or (-1, -1, -1)
+        self._log.info(
+            "Link {link}: tenant half connected (pid {pid}, uid {uid}, gid {gid})", link=self.link_name, pid=pid, uid=uid, gid=gid
+        )
+
+    def frame_received(self, frame: Frame) -> None:
+        if self.session is None and isinstance(frame, Hello):
+            self._hello(frame)
+        elif isinstance(frame, (Hello, Welcome)):
+            raise ProtocolViolation("unexpected-frame", f"{type(frame).__name__} on an established link")
+        else:
+            super().frame_received(frame)
+
+    def _hello(self, hello: Hello) -> None:
+        if codec.PROTOCOL_VERSION not in hello.versions:
+            self.close("version", f"this control half speaks version {codec.PROTOCOL_VERSION}, not {list(hello.versions)}")
+            return
+        if hello.link is not None and hello.link != self.link_name:
+            self.close("wrong-link", f"this socket serves link {self.link_name!r}, not {hello.link!r}")
+            return
+        handler = self._attach(self)
+        if handler is None:
+            self.close("busy", f"link {self.link_name!r} already has a tenant half connected")
+            return
+        self.handler = handler
+        self.session = uuid.uuid4().hex
+        self._write(
+            Welcome(
+                version=codec.PROTOCOL_VERSION,
+                link=self.link_name,
+                session=self.session,
+                heartbeat=self.heartbeat,
+                max_frame=self.decoder.max_frame,
+                routes=self._routes,
+            )
+        )
+        self._log.info(
+            "Link {link}: session {session} up with {software}", link=self.link_name, session=self.session, software=hello.software
+        )
+        self._session_started()
+
+
+class TenantLinkProtocol(LinkProtocol):
+    """
+    The tenant half's end: says HELLO, takes its routes from WELCOME.
+
+    @ivar welcome: the WELCOME frame, once received.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        expected_link: str | None,
+        handler_for: Callable[[Welcome], SessionHandler],
+    ) -> None:
+        # The control half decides the heartbeat; until WELCOME only the
+        # handshake timeout applies.
+        super().__init__(clock, heartbeat=HANDSHAKE_TIMEOUT)
+        self._expected_link = expected_link
+        self._handler_for = handler_for
+        self.welcome: Welcome | None = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._write(
+            Hello(
+                versions=(codec.PROTOCOL_VERSION,),
+                link=self._expected_link,
+                software=f"msgmux/{__version__} pid {os.getpid()}",
+            )
+        )
+
+    def frame_received(self, frame: Frame) -> None:
+        if self.session is None and isinstance(frame, Welcome):
+            self._welcome(frame)
+        elif isinstance(frame, (Hello, Welcome)):
+            raise ProtocolViolation("unexpected-frame", f"{type(frame).__name__} on an established link")
+        else:
+            super().frame_received(frame)
+
+    def _welcome(self, welcome: Welcome) -> None:
+        if welcome.version != codec.PROTOCOL_VERSION:
+            self.close("version", f"control half chose version {welcome.version}")
+            return
+        self.welcome = welcome
+        self.link_name = welcome.link
+        self.heartbeat = welcome.heartbeat
+        self.peer_max_frame = welcome.max_frame
+        try:
+            self.handler = self._handler_for(welcome)
+        except ValueError as e:
+            self.close("bad-welcome", str(e))
+            return
+        self.session = welcome.session
+        self._log.info("Link {link}: session {session} up", link=welcome.link, session=welcome.session)
+        self._session_started()

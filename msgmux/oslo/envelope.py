@@ -1,0 +1,109 @@
+# -*- test-case-name: tests.test_envelope -*-
+"""
+oslo.messaging message bodies: parse, inspect, rewrite.
+
+An oslo message body is JSON C{{"oslo.version": "2.0", "oslo.message":
+"<JSON text>"}}; the inner JSON holds the method, arguments, context and, for
+calls, C{_msg_id} and C{_reply_q}.  msgmux reads bodies only where it must
+(call routing, upstream policy, replies) and otherwise relays them as bytes.
+Pure code.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import attrs
+
+__all__ = ["Envelope", "EnvelopeError", "parse", "might_be_call"]
+
+OSLO_VERSION = "2.0"
+
+
+class EnvelopeError(ValueError):
+    """The body is not an oslo.messaging 2.0 envelope."""
+
+
+@attrs.frozen
+class Envelope:
+    """
+    A parsed oslo message.
+
+    @ivar outer: the outer JSON object.
+    @ivar inner: the decoded C{oslo.message} object.
+    """
+
+    outer: dict[str, Any]
+    inner: dict[str, Any]
+
+    @property
+    def msg_id(self) -> str | None:
+        """C{_msg_id}: set on call requests and on replies."""
+        value = self.inner.get("_msg_id")
+        return value if isinstance(value, str) else None
+
+    @property
+    def reply_queue(self) -> str | None:
+        """C{_reply_q}: where the caller waits; set on call requests only."""
+        value = self.inner.get("_reply_q")
+        return value if isinstance(value, str) else None
+
+    @property
+    def method(self) -> str | None:
+        """The RPC method name of a request."""
+        value = self.inner.get("method")
+        return value if isinstance(value, str) else None
+
+    @property
+    def is_call(self) -> bool:
+        """Whether this request expects a reply."""
+        return self.msg_id is not None and self.reply_queue is not None
+
+    def with_inner(self, **changes: Any) -> bytes:
+        """
+        @param changes: inner keys to replace.
+        @return: the re-serialized body with those keys changed.
+        """
+        inner = dict(self.inner)
+        inner.update(changes)
+        outer = dict(self.outer)
+        outer["oslo.message"] = json.dumps(inner)
+        return json.dumps(outer).encode("utf-8")
+
+
+def parse(body: bytes) -> Envelope:
+    """
+    @param body: an AMQP message body.
+    @return: the envelope.
+    @raise EnvelopeError: when the body is not an oslo 2.0 envelope.
+    """
+    try:
+        outer = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise EnvelopeError(f"body is not JSON: {e}"[:200]) from None
+    if type(outer) is not dict:
+        raise EnvelopeError("body is not a JSON object")
+    if outer.get("oslo.version") != OSLO_VERSION:
+        raise EnvelopeError(f"oslo.version is {outer.get('oslo.version')!r}, expected {OSLO_VERSION!r}"[:200])
+    text = outer.get("oslo.message")
+    if type(text) is not str:
+        raise EnvelopeError("oslo.message is not a JSON string")
+    try:
+        inner = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise EnvelopeError(f"oslo.message is not JSON: {e}"[:200]) from None
+    if type(inner) is not dict:
+        raise EnvelopeError("oslo.message is not a JSON object")
+    return Envelope(outer, inner)
+
+
+def might_be_call(body: bytes) -> bool:
+    """
+    Cheap pre-check: a body without the bytes C{_reply_q} is not a call, so
+    the relay can pass casts through without parsing JSON.
+
+    @param body: an AMQP message body.
+    @return: L{False} when the body certainly is not a call request.
+    """
+    return b"_reply_q" in body

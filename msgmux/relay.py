@@ -1,0 +1,412 @@
+# -*- test-case-name: tests.integration.test_relay -*-
+"""
+The relay engine shared by both halves: one link session, one broker channel.
+
+A L{Relay} lives as long as one link session.  While both the session and
+its broker connection are up it owns one AMQP channel (publisher confirms on)
+through which it:
+
+ - consumes the queues of its half's I{outbound} routes and sends each
+   delivery as a MSG frame when it has link credit; the delivery is acked on
+   the broker only when the peer ACKs (that is, when the peer's broker
+   confirmed it), and rejected without requeue when the peer REJECTs it;
+ - publishes each MSG frame the peer sends, and ACKs it on the link when the
+   broker confirms, returning one credit.  MSG frames that arrive while the
+   channel is down wait (bounded by the credit this side granted) and are
+   published when it is back.
+
+Closing the channel (session over, broker gone) makes the broker requeue
+whatever was not acknowledged, so a failure anywhere means redelivery, not
+loss.  The halves plug their policy into L{Relay.outbound} and
+L{Relay.inbound}.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from msgmux.amqp import wire
+from msgmux.amqp.broker import BrokerService
+from msgmux.amqp.channel import Channel, ChannelLost, Delivery
+from msgmux.amqp.protocol import BrokerProtocol
+from msgmux.link.codec import Message
+from msgmux.link.protocol import LinkProtocol, MessageTooLarge
+from msgmux.oslo.topology import ExchangeSpec, QueueSpec
+from msgmux.routing import Destination, Source
+from msgmux.stats import LinkStats
+
+#: Seconds between attempts to rebuild a channel that failed.
+REBUILD_DELAY = 1.0
+
+#: Seconds before re-publishing a message the broker refused (nack).
+REPUBLISH_DELAY = 1.0
+
+
+class Refusal(Exception):
+    """A message the policy refuses, with the reason code sent in REJECT."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+@attrs.frozen
+class Publication:
+    """
+    What to publish for one inbound message.
+
+    @ivar deadline: Unix time after which the message is dropped rather than
+        published; its remaining time becomes the AMQP C{expiration}.
+    """
+
+    destination: Destination
+    properties: dict[str, Any]
+    body: bytes
+    deadline: float | None = None
+
+
+class _Inbound:
+    __slots__ = ("seq", "publication")
+
+    def __init__(self, seq: int, publication: Publication) -> None:
+        self.seq = seq
+        self.publication = publication
+
+
+class Relay:
+    """
+    Moves messages between one link session and one broker, at least once.
+
+    @ivar direction_out: label of messages this half sends on the link
+        (C{"down"} for the control half, C{"up"} for the tenant half).
+    @ivar direction_in: label of messages it receives.
+    """
+
+    _log = Logger()
+    direction_out = "out"
+    direction_in = "in"
+
+    def __init__(self, link: LinkProtocol, broker: BrokerService, clock: IReactorTime, window: int, stats: LinkStats) -> None:
+        self.link = link
+        self.broker = broker
+        self.clock = clock
+        self.window = window
+        self.stats = stats
+        self.channel: Channel | None = None
+        self.active = True
+        self._building = False
+        self._granted = False
+        self._rebuild_call: Any = None
+        self._waiting: collections.deque[tuple[Message, Delivery]] = collections.deque()
+        self._unpublished: collections.deque[_Inbound] = collections.deque()
+        self._unconfirmed: dict[int, _Inbound] = {}
+
+    # --- what the halves provide ------------------------------------------
+
+    def sources(self) -> list[Source]:
+        """The queues this half consumes."""
+        raise NotImplementedError
+
+    def publish_declarations(self) -> tuple[list[ExchangeSpec], list[QueueSpec]]:
+        """The exchanges and queues this half declares before publishing."""
+        raise NotImplementedError
+
+    def outbound(self, source: Source, delivery: Delivery) -> Message | None:
+        """
+        Turn a delivery into a link message, or settle it and return L{None}.
+        """
+        raise NotImplementedError
+
+    def inbound(self, message: Message) -> Publication:
+        """
+        Decide what to publish for a peer's message.
+
+        @raise Refusal: to refuse it for good.
+        """
+        raise NotImplementedError
+
+    def return_credit(self, count: int) -> None:
+        """Let the peer send C{count} more messages (the control half rate-limits)."""
+        self.link.grant(count)
+
+    # --- session and broker lifecycle ---------------------------------------
+
+    def session_started(self, link: LinkProtocol) -> None:
+        self.broker.add_observer(self)
+        self.stats.gauges["link_up"] = 1
+        self._maybe_build()
+
+    def session_ended(self, reason: str) -> None:
+        self.active = False
+        self.stats.gauges["link_up"] = 0
+        self.broker.remove_observer(self)
+        if self._rebuild_call is not None and self._rebuild_call.active():
+            self._rebuild_call.cancel()
+        self._waiting.clear()
+        self._unpublished.clear()
+        self._unconfirmed.clear()
+        channel, self.channel = self.channel, None
+        if channel is not None and channel.is_open:
+            # Requeues every delivery the peer did not acknowledge.
+            defer.Deferred.fromCoroutine(channel.close()).addErrback(lambda f: None)
+
+    def broker_connected(self, protocol: BrokerProtocol) -> None:
+        self._maybe_build()
+
+    def broker_lost(self, reason: Failure) -> None:
+        # The channel's own lost notification does the work.
+        pass
+
+    def _maybe_build(self) -> None:
+        if self.active and self.channel is None and not self._building and self.broker.protocol is not None:
+            self._building = True
+            defer.Deferred.fromCoroutine(self._build(self.broker.protocol)).addBoth(self._built)
+
+    def _built(self, result: object) -> None:
+        self._building = False
+        if isinstance(result, Failure):
+            self._log.error(
+                "Link {link}: could not set up the {broker} broker channel: {error}; retrying in {delay}s",
+                link=self.stats.link,
+                broker=self.broker.name,
+                error=result.getErrorMessage(),
+                delay=REBUILD_DELAY,
+            )
+            self._schedule_rebuild()
+
+    def _schedule_rebuild(self) -> None:
+        if self.active and (self._rebuild_call is None or not self._rebuild_call.active()):
+            self._rebuild_call = self.clock.callLater(REBUILD_DELAY, self._maybe_build)
+
+    async def _build(self, protocol: BrokerProtocol) -> None:
+        channel = await protocol.open_channel()
+        try:
+            await channel.select_confirms()
+            await channel.qos(self.broker.config.prefetch)
+            exchanges, queues = self.publish_declarations()
+            sources = self.sources()
+            declared: set[str] = set()
+            for exchange in exchanges + [e for s in sources for e in s.exchanges]:
+                if exchange.name not in declared:
+                    declared.add(exchange.name)
+                    await channel.declare_exchange(exchange.name, exchange.kind, exchange.durable, exchange.auto_delete)
+            for queue in queues + [s.queue for s in sources]:
+                await declare_queue(channel, queue)
+            if not self.active:
+                await channel.close()
+                return
+            channel.lost_observers.append(lambda reason: self._channel_lost(channel, reason))
+            channel.cancel_observers.append(lambda tag: self._consumer_cancelled(channel, tag))
+            channel.return_observers.append(self._returned)
+            self.channel = channel
+            for index, source in enumerate(sources):
+                tag = f"msgmux-{self.stats.link}-{index}"
+                await channel.consume(
+                    source.queue.name,
+                    tag,
+                    lambda delivery, source=source: self._delivered(source, delivery),
+                    dict(source.queue.consume_arguments),
+                )
+        except BaseException:
+            if channel.is_open:
+                await channel.close()
+            raise
+        self._log.info(
+            "Link {link}: {broker} broker channel ready ({count} queues consumed)",
+            link=self.stats.link,
+            broker=self.broker.name,
+            count=len(sources),
+        )
+        while self._unpublished and self.channel is channel:
+            self._publish(self._unpublished.popleft())
+        if not self._granted:
+            self._granted = True
+            self.return_credit(self.window)
+
+    def _channel_lost(self, channel: Channel, reason: Failure) -> None:
+        if self.channel is not channel:
+            return
+        self.channel = None
+        # Deliveries of the dead channel are void: the broker requeued them.
+        self._waiting.clear()
+        # Publishes without a confirm may or may not have happened: publish
+        # them again (duplicates are possible, loss is not).
+        retry = sorted(self._unconfirmed.values(), key=lambda entry: entry.seq)
+        self._unconfirmed.clear()
+        self._unpublished.extendleft(reversed(retry))
+        if self.active:
+            self._log.warn(
+                "Link {link}: {broker} broker channel closed ({reason})",
+                link=self.stats.link,
+                broker=self.broker.name,
+                reason=reason.getErrorMessage(),
+            )
+            self._schedule_rebuild()
+
+    def _consumer_cancelled(self, channel: Channel, tag: str) -> None:
+        self._log.warn("Link {link}: the broker cancelled consumer {tag}; rebuilding", link=self.stats.link, tag=tag)
+        if channel.is_open:
+            defer.Deferred.fromCoroutine(channel.close()).addErrback(lambda f: None)
+
+    def _returned(self, code: int, text: str, exchange: str, routing_key: str, properties: dict[str, Any], body: bytes) -> None:
+        self.stats.count("returned", direction=self.direction_in)
+        self._log.info(
+            "Link {link}: broker returned a message for {exchange!r}/{key!r}: {code} {text}",
+            link=self.stats.link,
+            exchange=exchange,
+            key=routing_key,
+            code=code,
+            text=text,
+        )
+
+    async def drain(self, timeout: float) -> None:
+        """
+        Stop taking new work and give what is in flight up to C{timeout}
+        seconds to settle, then close the session.  Used at shutdown, so that
+        a clean stop causes as few redeliveries as possible.
+        """
+        channel = self.channel
+        if channel is not None and channel.is_open:
+            for tag in channel.consumer_tags():
+                try:
+                    await channel.cancel(tag)
+                except Exception:
+                    break
+        give_up = self.clock.seconds() + timeout
+        while self.active and (self._unconfirmed or self._unpublished or self.link.unacknowledged):
+            if self.clock.seconds() >= give_up:
+                break
+            await deferLater(self.clock, 0.05)
+        self.link.close("shutdown", "msgmux is stopping")
+
+    # --- outbound: broker -> link -----------------------------------------
+
+    def _delivered(self, source: Source, delivery: Delivery) -> None:
+        if delivery.error is not None:
+            delivery.reject(requeue=False)
+            self.stats.reject(self.direction_out, "malformed", delivery.error, queue=source.queue.name)
+            return
+        message = self.outbound(source, delivery)
+        if message is None:
+            return
+        if self._waiting or self.link.send_credit <= 0:
+            self._waiting.append((message, delivery))
+        else:
+            self._send(message, delivery)
+
+    def _send(self, message: Message, delivery: Delivery) -> None:
+        if message.deadline is not None and self.clock.seconds() >= message.deadline:
+            delivery.ack()
+            self.stats.count("expired", direction=self.direction_out)
+            return
+        try:
+            self.link.send_message(message, delivery)
+        except MessageTooLarge as e:
+            delivery.reject(requeue=False)
+            self.stats.reject(self.direction_out, "too-large", str(e))
+
+    def credit_received(self) -> None:
+        waiting = self._waiting
+        while waiting and self.link.send_credit > 0:
+            message, delivery = waiting.popleft()
+            if delivery.channel.is_open:
+                self._send(message, delivery)
+
+    def messages_acknowledged(self, deliveries: list[Delivery]) -> None:
+        for delivery in deliveries:
+            delivery.ack()
+        self.stats.count("relayed", len(deliveries), direction=self.direction_out)
+
+    def message_refused(self, delivery: Delivery, reason: str) -> None:
+        delivery.reject(requeue=False)
+        self.stats.count("refused_by_peer", direction=self.direction_out, reason=reason[:40])
+
+    # --- inbound: link -> broker ------------------------------------------
+
+    def message_received(self, message: Message) -> None:
+        try:
+            publication = self.inbound(message)
+        except Refusal as refusal:
+            self.link.refuse(message.seq, refusal.reason)
+            self.stats.reject(self.direction_in, refusal.reason, refusal.detail)
+            self.return_credit(1)
+            return
+        entry = _Inbound(message.seq, publication)
+        if self.channel is None:
+            self._unpublished.append(entry)
+        else:
+            self._publish(entry)
+
+    def _publish(self, entry: _Inbound) -> None:
+        channel = self.channel
+        assert channel is not None
+        publication = entry.publication
+        properties = publication.properties
+        if publication.deadline is not None:
+            remaining = publication.deadline - self.clock.seconds()
+            if remaining <= 0:
+                self.stats.count("expired", direction=self.direction_in)
+                self._settled(entry.seq)
+                return
+            properties = dict(properties, expiration=str(max(1, int(remaining * 1000))))
+        target = publication.destination
+        if target.redeclare is not None:
+            spec = target.redeclare
+            channel.redeclare_exchange(spec.name, spec.kind, spec.durable, spec.auto_delete)
+        try:
+            confirmed = channel.publish(target.exchange, target.routing_key, properties, publication.body, target.mandatory)
+        except wire.WireError as e:
+            self.link.refuse(entry.seq, "malformed")
+            self.stats.reject(self.direction_in, "malformed", str(e))
+            self.return_credit(1)
+            return
+        self._unconfirmed[entry.seq] = entry
+        confirmed.addCallbacks(self._confirmed, self._not_confirmed, (entry, channel), None, (entry, channel))
+
+    def _confirmed(self, _: None, entry: _Inbound, channel: Channel) -> None:
+        if self._unconfirmed.pop(entry.seq, None) is not None:
+            self.stats.count("relayed", direction=self.direction_in)
+            self._settled(entry.seq)
+
+    def _settled(self, seq: int) -> None:
+        if self.active:
+            self.link.acknowledge(seq)
+            self.return_credit(1)
+
+    def _not_confirmed(self, failure: Failure, entry: _Inbound, channel: Channel) -> None:
+        if failure.check(ChannelLost):
+            return  # _channel_lost moved it back to the unpublished queue
+        if self._unconfirmed.pop(entry.seq, None) is None:
+            return
+        self.stats.count("nacked", direction=self.direction_in)
+        self._log.warn(
+            "Link {link}: the {broker} broker refused a publish ({error}); retrying",
+            link=self.stats.link,
+            broker=self.broker.name,
+            error=failure.getErrorMessage(),
+        )
+        self.clock.callLater(REPUBLISH_DELAY, self._retry, entry)
+
+    def _retry(self, entry: _Inbound) -> None:
+        if not self.active:
+            return
+        if self.channel is None:
+            self._unpublished.append(entry)
+        else:
+            self._publish(entry)
+
+
+async def declare_queue(channel: Channel, queue: QueueSpec) -> None:
+    """Declare a queue and its bindings."""
+    await channel.declare_queue(queue.name, queue.durable, queue.auto_delete, arguments=dict(queue.arguments))
+    for exchange, routing_key in queue.bindings:
+        await channel.bind_queue(queue.name, exchange, routing_key)

@@ -1,0 +1,263 @@
+# -*- test-case-name: tests.test_routing -*-
+"""
+Routes: what one link carries, where each half consumes it and where it
+publishes it.
+
+The control half owns the policy (L{msgmux.config.LinkConfig}); it sends the
+tenant half a L{LinkRoutes} in WELCOME.  Both halves then derive their broker
+topology from the same routes with the roles swapped: the control half
+consumes the I{down} routes and publishes the I{up} ones, the tenant half the
+reverse.  Pure code.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import attrs
+
+from msgmux.config import LinkConfig, NotificationRule, RpcRule
+from msgmux.link.codec import Address, NotificationAddress, ReplyAddress, RpcAddress
+from msgmux.oslo.topology import ExchangeSpec, OsloTopology, QueueSpec
+
+__all__ = ["Destination", "LinkRoutes", "Source", "destination", "publish_topology", "sources"]
+
+# Fixed so that a restarted half finds the fanout queue it used before.
+_FANOUT_NAMESPACE = uuid.UUID("0b5c1f4e-7a3d-4b8e-9a51-6d2f0c8e4a17")
+
+
+def reply_queue_name(link: str) -> str:
+    """
+    @return: the queue msgmux consumes replies from, on both brokers, for
+        calls relayed over C{link}.
+    """
+    return f"reply_msgmux_{link}"
+
+
+@attrs.frozen
+class LinkRoutes:
+    """
+    The routes of one link, as both halves need them.
+
+    @ivar reply_queue: where each half receives replies to the calls it
+        relays (see L{reply_queue_name}).
+    """
+
+    link: str
+    down: tuple[RpcRule, ...] = ()
+    up: tuple[RpcRule, ...] = ()
+    notifications_down: tuple[NotificationRule, ...] = ()
+    notifications_up: tuple[NotificationRule, ...] = ()
+
+    @property
+    def reply_queue(self) -> str:
+        return reply_queue_name(self.link)
+
+    @classmethod
+    def from_link(cls, link: LinkConfig) -> LinkRoutes:
+        """@return: the routes configured for C{link}."""
+        return cls(link.name, link.down, link.up, link.notifications_down, link.notifications_up)
+
+    def to_wire(self) -> dict[str, Any]:
+        """
+        @return: the WELCOME C{routes} map.  Allowed methods stay with the
+            control half: the tenant half has no use for them.
+        """
+
+        def rpc(rule: RpcRule) -> dict[str, Any]:
+            return {"topic": rule.topic, "servers": list(rule.servers), "fanout": rule.fanout, "exchange": rule.exchange}
+
+        def notification(rule: NotificationRule) -> dict[str, Any]:
+            return {"topic": rule.topic, "priorities": list(rule.priorities), "exchange": rule.exchange}
+
+        return {
+            "down": [rpc(r) for r in self.down],
+            "up": [rpc(r) for r in self.up],
+            "notifications_down": [notification(r) for r in self.notifications_down],
+            "notifications_up": [notification(r) for r in self.notifications_up],
+        }
+
+    @classmethod
+    def from_wire(cls, link: str, data: dict[str, Any]) -> LinkRoutes:
+        """
+        @param link: the link name from WELCOME.
+        @param data: the WELCOME C{routes} map.
+        @return: the routes.
+        @raise ValueError: when the map is malformed.
+        """
+        try:
+            return cls(
+                link=link,
+                down=tuple(_rpc_rule(item) for item in data["down"]),
+                up=tuple(_rpc_rule(item) for item in data["up"]),
+                notifications_down=tuple(_notification_rule(item) for item in data["notifications_down"]),
+                notifications_up=tuple(_notification_rule(item) for item in data["notifications_up"]),
+            )
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"malformed routes: {e!r}") from None
+
+
+def _text(value: object, optional: bool = False) -> Any:
+    if (value is None and optional) or (isinstance(value, str) and value):
+        return value
+    raise TypeError(f"expected text, got {value!r}")
+
+
+def _rpc_rule(item: dict[str, Any]) -> RpcRule:
+    return RpcRule(
+        topic=_text(item["topic"]),
+        servers=tuple(_text(s) for s in item["servers"]),
+        fanout=bool(item["fanout"]),
+        exchange=_text(item["exchange"], optional=True),
+    )
+
+
+def _notification_rule(item: dict[str, Any]) -> NotificationRule:
+    return NotificationRule(
+        topic=_text(item["topic"]),
+        priorities=tuple(_text(p) for p in item["priorities"]),
+        exchange=_text(item["exchange"], optional=True),
+    )
+
+
+@attrs.frozen
+class Source:
+    """
+    A queue one half consumes, and what its messages are.
+
+    @ivar exchanges: to declare before the queue is bound.
+    @ivar address: the address of every message from this queue, or L{None}
+        for notification pools, whose address depends on the routing key.
+    @ivar notification_rule: for notification pools, the rule.
+    """
+
+    queue: QueueSpec
+    exchanges: tuple[ExchangeSpec, ...]
+    address: Address | None
+    notification_rule: NotificationRule | None = None
+
+    def address_for(self, routing_key: str) -> Address:
+        """
+        @param routing_key: the routing key a delivery from this queue carries.
+        @return: its address on the link.
+        """
+        if self.address is not None:
+            return self.address
+        rule = self.notification_rule
+        assert rule is not None
+        priority = routing_key[len(rule.topic) + 1 :] if routing_key.startswith(rule.topic + ".") else routing_key
+        return NotificationAddress(rule.exchange, rule.topic, priority)
+
+
+def sources(
+    link: str,
+    rpc_rules: tuple[RpcRule, ...],
+    notification_rules: tuple[NotificationRule, ...],
+    topology: OsloTopology,
+) -> list[Source]:
+    """
+    Everything one half consumes on its broker: the RPC queues an oslo
+    server of each routed topic would consume, a listener pool per routed
+    notification topic, and the half's own reply queue.
+
+    @param link: the link name (queue names derive from it).
+    @param rpc_rules: the RPC routes this half consumes.
+    @param notification_rules: the notification routes this half consumes.
+    @param topology: oslo's declarations on this half's broker.
+    """
+    found = []
+    for rule in rpc_rules:
+        exchange = topology.topic_exchange(rule.exchange)
+        found.append(Source(topology.topic_queue(rule.topic, exchange.name), (exchange,), RpcAddress(rule.exchange, rule.topic)))
+        for server in rule.servers:
+            found.append(
+                Source(
+                    topology.topic_queue(f"{rule.topic}.{server}", exchange.name),
+                    (exchange,),
+                    RpcAddress(rule.exchange, rule.topic, server),
+                )
+            )
+        if rule.fanout:
+            unique = uuid.uuid5(_FANOUT_NAMESPACE, f"{link}/{rule.exchange}/{rule.topic}").hex
+            found.append(
+                Source(
+                    topology.fanout_queue(rule.topic, unique),
+                    (topology.fanout_exchange(rule.topic),),
+                    RpcAddress(rule.exchange, rule.topic, None, True),
+                )
+            )
+    for rule in notification_rules:
+        exchange = topology.topic_exchange(rule.exchange)
+        pool = f"msgmux_{link}_{exchange.name}_{rule.topic}"
+        keys = tuple(f"{rule.topic}.{priority}" for priority in rule.priorities)
+        found.append(Source(topology.pool_queue(pool, exchange.name, keys), (exchange,), None, rule))
+    found.append(Source(topology.reply_queue(reply_queue_name(link)), (), ReplyAddress()))
+    return found
+
+
+def publish_topology(
+    rpc_rules: tuple[RpcRule, ...],
+    notification_rules: tuple[NotificationRule, ...],
+    topology: OsloTopology,
+) -> tuple[list[ExchangeSpec], list[QueueSpec]]:
+    """
+    What one half declares before publishing its routes: the exchanges (a
+    publish to a missing exchange would close the channel) and, as oslo's
+    notifier does, the default C{topic.priority} notification queues.
+    """
+    exchanges: dict[str, ExchangeSpec] = {}
+    queues: dict[str, QueueSpec] = {}
+    for rule in rpc_rules:
+        exchange = topology.topic_exchange(rule.exchange)
+        exchanges[exchange.name] = exchange
+        if rule.fanout:
+            fanout = topology.fanout_exchange(rule.topic)
+            exchanges[fanout.name] = fanout
+    for notification_rule in notification_rules:
+        exchange = topology.topic_exchange(notification_rule.exchange)
+        exchanges[exchange.name] = exchange
+        for priority in notification_rule.priorities:
+            queue = topology.notification_queue(f"{notification_rule.topic}.{priority}", exchange.name)
+            queues[queue.name] = queue
+    return list(exchanges.values()), list(queues.values())
+
+
+@attrs.frozen
+class Destination:
+    """
+    Where a message goes on the destination broker.
+
+    @ivar redeclare: an auto-delete exchange to re-declare (pipelined, no
+        round trip) before publishing, because it vanishes with its last
+        binding and publishing to a missing exchange closes the channel.
+    @ivar mandatory: ask the broker to return the message if no queue
+        takes it (oslo does this for replies).
+    """
+
+    exchange: str
+    routing_key: str
+    mandatory: bool = False
+    redeclare: ExchangeSpec | None = None
+
+
+def destination(address: Address, topology: OsloTopology) -> Destination:
+    """
+    @param address: a message's link address.
+    @param topology: oslo's declarations on the destination broker.
+    @return: where oslo itself would have published it.
+    """
+    if isinstance(address, RpcAddress):
+        if address.fanout:
+            fanout = topology.fanout_exchange(address.topic)
+            return Destination(fanout.name, "", redeclare=fanout)
+        exchange = topology.topic_exchange(address.exchange)
+        key = address.topic if address.server is None else f"{address.topic}.{address.server}"
+        return Destination(exchange.name, key, redeclare=exchange if exchange.auto_delete else None)
+    if isinstance(address, NotificationAddress):
+        exchange = topology.topic_exchange(address.exchange)
+        return Destination(
+            exchange.name, f"{address.topic}.{address.priority}", redeclare=exchange if exchange.auto_delete else None
+        )
+    assert address.queue is not None
+    return Destination("", address.queue, mandatory=True)

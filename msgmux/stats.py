@@ -1,0 +1,89 @@
+# -*- test-case-name: tests.test_stats -*-
+"""
+Per-link counters and rate-limited rejection logs.
+
+The relay counts everything that happens to a message (relayed, rejected
+with a reason, expired, returned...).  L{msgmux.metrics} exports the counters
+to Prometheus; tests and C{msgmux status} read them directly.  Rejections are
+also logged, but at most a few per reason per minute, so that a hostile or
+broken peer cannot flood the log.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+__all__ = ["LinkStats"]
+
+#: Rejections logged per reason and direction in one L{LOG_WINDOW}.
+LOG_BURST = 5
+LOG_WINDOW = 60.0
+
+
+class LinkStats:
+    """
+    Counters of one link, keyed by name and sorted label pairs.
+
+    @ivar counts: C{(name, ((label, value), ...)) -> int}.
+    @ivar gauges: current values (link state, in-flight calls...).
+    """
+
+    _log = Logger()
+
+    def __init__(self, link: str, clock: IReactorTime) -> None:
+        self.link = link
+        self.clock = clock
+        self.counts: Counter[tuple[str, tuple[tuple[str, str], ...]]] = Counter()
+        self.gauges: dict[str, float] = {}
+        self._log_window: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def count(self, name: str, n: int = 1, **labels: str) -> None:
+        """Add C{n} to counter C{name} with C{labels}."""
+        self.counts[(name, tuple(sorted(labels.items())))] += n
+
+    def get(self, name: str, **labels: str) -> int:
+        """
+        @return: the sum of counter C{name} over all label sets that include
+            C{labels}.
+        """
+        wanted = set(labels.items())
+        return sum(v for (n, pairs), v in self.counts.items() if n == name and wanted <= set(pairs))
+
+    def reject(self, direction: str, reason: str, detail: str, **fields: Any) -> None:
+        """
+        Count a rejected message and log it (rate-limited).
+
+        @param direction: C{"up"} or C{"down"}.
+        @param reason: a short reason code (a metric label).
+        @param detail: what exactly was wrong, for the log.
+        """
+        self.count("rejected", direction=direction, reason=reason)
+        key = (direction, reason)
+        now = self.clock.seconds()
+        start, logged = self._log_window.get(key, (now, 0))
+        if now - start >= LOG_WINDOW:
+            suppressed = logged - LOG_BURST
+            if suppressed > 0:
+                self._log.warn(
+                    "Link {link}: {suppressed} more {direction} rejections ({reason}) in the last minute",
+                    link=self.link,
+                    suppressed=suppressed,
+                    direction=direction,
+                    reason=reason,
+                )
+            start, logged = now, 0
+        logged += 1
+        self._log_window[key] = (start, logged)
+        if logged <= LOG_BURST:
+            self._log.warn(
+                "Link {link}: rejected {direction} message ({reason}): {detail}",
+                link=self.link,
+                direction=direction,
+                reason=reason,
+                detail=detail,
+                **fields,
+            )

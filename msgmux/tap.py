@@ -1,0 +1,53 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+The twistd plugin: C{twistd msgmux --config FILE}.
+
+L{Options} parses and validates the configuration before twistd does
+anything else, so a bad config ends the process with the file, the key and
+the problem, and a non-zero status.  L{makeService} only composes objects.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.python import usage
+
+from msgmux.config import Config, ConfigError, load
+from msgmux.service import MsgmuxService
+
+
+class Options(usage.Options):
+    """Command line of C{twistd msgmux}."""
+
+    synopsis = "--config FILE"
+    longdesc = (
+        "Relay oslo.messaging RPC and notifications between a control-network RabbitMQ "
+        "and tenant-network RabbitMQs over a Unix socket.  FILE is a TOML configuration "
+        "with a [control] section, a [tenant] section, or both (see docs/configuration.md)."
+    )
+    optParameters = [["config", "c", None, "Path of the msgmux TOML configuration file."]]
+
+    config: Config
+
+    def postOptions(self) -> None:
+        path = self["config"]
+        if not path:
+            raise usage.UsageError("--config FILE is required")
+        try:
+            self.config = load(path)
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+def makeService(options: Options, reactor: Any = None) -> MsgmuxService:
+    """
+    @param options: parsed L{Options}.
+    @param reactor: the reactor to use; the global one by default.
+    @return: the service tree for the configured halves.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    return MsgmuxService(options.config, reactor)

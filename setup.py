@@ -1,0 +1,31 @@
+"""msgmux packaging.  Runtime dependencies are the design's (Twisted, txAMQP,
+attrs, cbor2) plus prometheus_client for the metrics endpoint."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="msgmux",
+    version="0.1.0",
+    description="Relay oslo.messaging traffic between a control RabbitMQ and tenant RabbitMQs over a Unix socket",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.11",
+    packages=find_packages(exclude=["tests", "tests.*", "lab", "lab.*"]) + ["twisted.plugins"],
+    package_data={"msgmux": ["py.typed"], "msgmux.amqp": ["amqp0-9-1.xml"]},
+    install_requires=[
+        "Twisted>=24.7",
+        "txAMQP>=0.8.2,<0.9",
+        "attrs>=23.1",
+        "cbor2>=5.6",
+    ],
+    extras_require={
+        "test": ["hypothesis>=6.100", "oslo.messaging>=14"],
+    },
+    entry_points={"console_scripts": []},
+    classifiers=[
+        "Framework :: Twisted",
+        "Programming Language :: Python :: 3",
+        "Topic :: System :: Networking",
+    ],
+)
