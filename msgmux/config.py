@@ -302,7 +302,7 @@ def _control(section: Section) -> ControlConfig:
     window = section.get("link_window", int, 256, lambda v: None if 1 <= v <= 65535 else "must be 1-65535")
     metrics = section.get("metrics", str, None)
     default_limits = _limits(section.table("limits"), Limits())
-    links = tuple(_link(link, default_limits) for link in section.tables("links"))
+    links = tuple(_link(link, default_limits, broker.exchange) for link in section.tables("links"))
     if not links:
         raise section.error("links", "needs at least one [[control.links]] entry")
     _unique(section, "links", [link.name for link in links], "name")
@@ -404,14 +404,16 @@ def parse_transport_url(url: str) -> tuple[tuple[BrokerHost, ...], str]:
 def _host_port(hostport: str) -> tuple[str, int]:
     if hostport.startswith("["):
         host, _, rest = hostport[1:].partition("]")
-        port_text = rest[1:] if rest.startswith(":") else ""
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"unexpected {rest!r} after the address in {hostport!r}")
+        port_text = rest[1:] if rest else ""
     else:
         host, _, port_text = hostport.partition(":")
     if not host:
         raise ValueError(f"host missing in {hostport!r}")
     if not port_text:
         return host, 5672
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
         raise ValueError(f"bad port in {hostport!r}")
     return host, int(port_text)
 
@@ -450,7 +452,7 @@ def _message_size_problem(value: int) -> str | None:
     return None
 
 
-def _link(section: Section, default_limits: Limits) -> LinkConfig:
+def _link(section: Section, default_limits: Limits, exchange: str) -> LinkConfig:
     name = section.get(
         "name",
         str,
@@ -465,7 +467,7 @@ def _link(section: Section, default_limits: Limits) -> LinkConfig:
     notifications_down = tuple(_notification_rule(rule) for rule in section.tables("notifications_down"))
     notifications_up = tuple(_notification_rule(rule) for rule in section.tables("notifications_up"))
     limits = _limits(section.table("limits"), default_limits)
-    _no_loops(section, down, up, notifications_down, notifications_up)
+    _no_loops(section, exchange, down, up, notifications_down, notifications_up)
     section.finish()
     return LinkConfig(
         name=name,
@@ -513,6 +515,7 @@ def _notification_rule(section: Section) -> NotificationRule:
 
 def _no_loops(
     section: Section,
+    exchange: str,
     down: tuple[RpcRule, ...],
     up: tuple[RpcRule, ...],
     notifications_down: tuple[NotificationRule, ...],
@@ -520,16 +523,17 @@ def _no_loops(
 ) -> None:
     """
     Refuse a topic routed both ways on one link: what msgmux publishes on one
-    broker it would consume again and send back, forever.
+    broker it would consume again and send back, forever.  A rule without an
+    exchange means the section's C{exchange}.
     """
-    down_topics = {(rule.exchange, rule.topic) for rule in down}
+    down_topics = {(rule.exchange or exchange, rule.topic) for rule in down}
     for index, rule in enumerate(up):
-        if (rule.exchange, rule.topic) in down_topics:
+        if (rule.exchange or exchange, rule.topic) in down_topics:
             raise section.error(f"up[{index}].topic", f"{rule.topic!r} is also routed down; it would loop")
-    down_keys = {(rule.exchange, rule.topic, p) for rule in notifications_down for p in rule.priorities}
+    down_keys = {(rule.exchange or exchange, rule.topic, p) for rule in notifications_down for p in rule.priorities}
     for index, rule in enumerate(notifications_up):
         for priority in rule.priorities:
-            if (rule.exchange, rule.topic, priority) in down_keys:
+            if (rule.exchange or exchange, rule.topic, priority) in down_keys:
                 raise section.error(
                     f"notifications_up[{index}].topic",
                     f"{rule.topic}.{priority} is also routed down; it would loop",

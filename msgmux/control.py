@@ -222,7 +222,14 @@ class ControlRelay(Relay):
             if parsed is not None and parsed.is_call:
                 limit = self.config.limits.max_call_timeout
                 deadline = now + min(expiration if expiration is not None else limit, limit)
-                token = self.owner.signer.issue(self.config.name, parsed.msg_id or "", parsed.reply_queue or "", deadline)
+                try:
+                    token = self.owner.signer.issue(
+                        self.config.name, parsed.msg_id or "", parsed.reply_queue or "", deadline
+                    )
+                except TokenError as e:
+                    delivery.reject(requeue=False)
+                    self.stats.reject("down", "malformed", str(e))
+                    return None
                 body = parsed.with_inner(_msg_id=token, _reply_q=self.owner.routes.reply_queue)
                 self.owner.calls.begin(token, deadline, "down")
         return Message(0, address, properties, body, deadline)
@@ -295,7 +302,10 @@ class ControlRelay(Relay):
             expiration = _expiration_seconds(properties)
             now = self.clock.seconds()
             deadline = now + min(expiration if expiration is not None else limits.max_call_timeout, limits.max_call_timeout)
-            token = self.owner.signer.issue(self.config.name, parsed.msg_id or "", parsed.reply_queue or "", deadline)
+            try:
+                token = self.owner.signer.issue(self.config.name, parsed.msg_id or "", parsed.reply_queue or "", deadline)
+            except TokenError as e:
+                raise Refusal("malformed", str(e)) from None
             body = parsed.with_inner(_msg_id=token, _reply_q=self.owner.routes.reply_queue)
             self.owner.calls.begin(token, deadline, "up")
         return Publication(destination(address, self.owner.topology), properties, body, deadline)

@@ -104,11 +104,23 @@ def _text(value: object, optional: bool = False) -> Any:
     raise TypeError(f"expected text, got {value!r}")
 
 
+def _texts(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise TypeError(f"expected a list, got {value!r}")
+    return tuple(_text(item) for item in value)
+
+
+def _flag(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"expected a boolean, got {value!r}")
+    return value
+
+
 def _rpc_rule(item: dict[str, Any]) -> RpcRule:
     return RpcRule(
         topic=_text(item["topic"]),
-        servers=tuple(_text(s) for s in item["servers"]),
-        fanout=bool(item["fanout"]),
+        servers=_texts(item["servers"]),
+        fanout=_flag(item["fanout"]),
         exchange=_text(item["exchange"], optional=True),
     )
 
@@ -116,7 +128,7 @@ def _rpc_rule(item: dict[str, Any]) -> RpcRule:
 def _notification_rule(item: dict[str, Any]) -> NotificationRule:
     return NotificationRule(
         topic=_text(item["topic"]),
-        priorities=tuple(_text(p) for p in item["priorities"]),
+        priorities=_texts(item["priorities"]),
         exchange=_text(item["exchange"], optional=True),
     )
 

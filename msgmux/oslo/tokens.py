@@ -80,8 +80,13 @@ class TokenSigner:
         @param reply_queue: the caller's C{_reply_q}.
         @param deadline: Unix time the call expires.
         @return: the token, to be used as the relayed request's C{_msg_id}.
+        @raise TokenError: when the ids are not valid text (JSON allows lone
+            surrogates, CBOR does not).
         """
-        payload = _b64(cbor2.dumps([msg_id, reply_queue, round(deadline, 3)]))
+        try:
+            payload = _b64(cbor2.dumps([msg_id, reply_queue, round(deadline, 3)]))
+        except (UnicodeEncodeError, ValueError, TypeError) as e:
+            raise TokenError(f"cannot sign these call ids: {e}") from None
         return f"{_PREFIX}{payload}.{_b64(self._mac(link, payload))}"
 
     def verify(self, link: str, token: str) -> ReplyToken:
@@ -92,13 +97,19 @@ class TokenSigner:
         @raise TokenError: when it is not a token issued for C{link} by a
             holder of this key.  Expiry is the caller's to check.
         """
-        if not token.startswith(_PREFIX) or len(token) > 1024:
+        if not token.startswith(_PREFIX) or len(token) > 1024 or not token.isascii():
             raise TokenError("not a msgmux reply token")
         payload, _, mac = token[len(_PREFIX) :].partition(".")
         try:
             given = _unb64(mac)
+            # base64 leaves a few bits of the last character unused; insist
+            # on the one spelling issue() produces, so that a token has
+            # exactly one string form (it keys the table of pending calls).
+            canonical = _b64(_unb64(payload)) == payload and _b64(given) == mac
         except ValueError:
-            raise TokenError("malformed token signature") from None
+            raise TokenError("malformed token") from None
+        if not canonical:
+            raise TokenError("token is not in canonical form")
         if not hmac.compare_digest(given, self._mac(link, payload)):
             raise TokenError("token signature does not match")
         try:

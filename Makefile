@@ -1,0 +1,37 @@
+# msgmux developer entry points.  A newcomer needs two: `make demo` and `make test`.
+# Both create the virtualenv on first use.  The integration tests, the demo,
+# `make faults` and `make bench` need root (network namespaces, a private
+# RabbitMQ node) and the machine's RabbitMQ at 127.0.0.1:5672 (guest/guest).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: all venv test unit demo clean
+
+all: test
+
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# compat mode puts the source tree on sys.path, so twistd finds twisted/plugins/msgmux_dropin.py
+	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
+	$(PY) -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Every test: unit tests, codec fuzzing, and the integration tests against two real brokers.
+test: $(STAMP)
+	MSGMUX_INTEGRATION=1 $(PY) -m twisted.trial --temp-directory=/tmp/msgmux-trial tests
+
+# Unit tests only (no root, no brokers).
+unit: $(STAMP)
+	$(PY) -m twisted.trial tests
+
+demo: $(STAMP)
+	$(PY) -m lab.demo
+
+clean:
+	rm -rf $(VENV) _trial_temp /tmp/msgmux-trial

@@ -1,0 +1,199 @@
+"""
+The lab: both networks on one machine, for tests, the demo and benchmarks.
+
+ - control network: the host's network namespace and the machine's RabbitMQ
+   (a private vhost per scenario);
+ - tenant network: a network namespace with its own RabbitMQ node;
+ - msgmux: the control half runs on the host, the tenant half inside the
+   namespace, both as real C{twistd msgmux} processes; only a Unix socket in
+   a shared directory connects them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import uuid
+from typing import Any
+
+from twisted.internet import defer, task
+from twisted.internet.protocol import ProcessProtocol
+from twisted.python.failure import Failure
+
+from lab.peer import REPO, OsloPeer, spawn_peer
+from lab.rabbit import Namespace, RabbitNode, SystemBroker
+
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+
+
+class HalfProcess(ProcessProtocol):
+    """A C{twistd msgmux} process."""
+
+    def __init__(self, label: str, log_path: str) -> None:
+        self.label = label
+        self.log_path = log_path
+        self.ended: defer.Deferred[int | None] = defer.Deferred()
+        self.exit_code: int | None = None
+        self.output = b""
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Failure) -> None:
+        self.exit_code = getattr(reason.value, "exitCode", None)
+        self.ended.callback(self.exit_code)
+
+    @property
+    def running(self) -> bool:
+        return not self.ended.called
+
+    def signal(self, name: str) -> None:
+        if self.running:
+            self.transport.signalProcess(name)
+
+    def stop(self) -> defer.Deferred[int | None]:
+        """SIGTERM (a clean twistd shutdown) and wait for the exit."""
+        self.signal("TERM")
+        return self.ended
+
+    def kill(self) -> defer.Deferred[int | None]:
+        """SIGKILL, as a crash would."""
+        self.signal("KILL")
+        return self.ended
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+
+class Lab:
+    """
+    One lab instance; several can coexist if their names differ.
+
+    @ivar root: working directory (configs, sockets, logs, broker data).
+    """
+
+    def __init__(self, name: str, reactor: Any = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+        self.reactor = reactor
+        self.name = name
+        self.root = f"/tmp/msgmux-lab/{name}"
+        self.namespace = Namespace(f"msgmux-{name}")
+        self.tenant_node = RabbitNode("tenant@localhost", f"{self.root}/tenant-rabbit", self.namespace)
+        self.control_node = SystemBroker()
+        self.processes: list[Any] = []
+
+    # --- blocking set-up (call from a thread under a running reactor) -------
+
+    def up(self) -> float:
+        """Create the namespace and start the tenant broker; @return: seconds."""
+        os.makedirs(self.root, exist_ok=True)
+        os.chmod(self.root, 0o755)
+        self.namespace.create()
+        self.tenant_node.prepare()
+        return self.tenant_node.start()
+
+    def down(self) -> None:
+        """Stop the tenant broker and remove the namespace."""
+        self.tenant_node.stop()
+        self.namespace.delete()
+
+    def vhosts(self, tag: str | None = None) -> tuple[str, str]:
+        """
+        Fresh vhosts for one scenario: one on each broker.
+
+        @return: (control vhost, tenant vhost).
+        """
+        tag = tag or uuid.uuid4().hex[:8]
+        control, tenant = f"msgmux-{self.name}-{tag}-control", f"msgmux-{self.name}-{tag}-tenant"
+        self.control_node.add_vhost(control)
+        self.tenant_node.add_vhost(tenant)
+        return control, tenant
+
+    def drop_vhosts(self, control: str, tenant: str) -> None:
+        self.control_node.delete_vhost(control)
+        self.tenant_node.delete_vhost(tenant)
+
+    def path(self, *parts: str) -> str:
+        path = os.path.join(self.root, *parts)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return path
+
+    def write(self, name: str, text: str) -> str:
+        path = self.path(name)
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    # --- processes ----------------------------------------------------------
+
+    def spawn_half(self, config_path: str, label: str, in_tenant_network: bool) -> HalfProcess:
+        """Run C{twistd -n msgmux --config} on the host or inside the namespace."""
+        log_path = self.path("logs", f"{label}.log")
+        if os.path.exists(log_path):
+            os.remove(log_path)
+        process = HalfProcess(label, log_path)
+        argv = [TWISTD, "-n", "--pidfile=", f"--logfile={log_path}", "msgmux", "--config", config_path]
+        if in_tenant_network:
+            argv = self.namespace.argv(argv)
+        environment = dict(os.environ)
+        environment["PYTHONPATH"] = REPO + os.pathsep + environment.get("PYTHONPATH", "")
+        self.reactor.spawnProcess(process, argv[0], argv, env=environment, path=self.root)
+        self.processes.append(process)
+        return process
+
+    def spawn_peer(self, side: str, vhost: str, exchange: str = "openstack", **rabbit: Any) -> OsloPeer:
+        """An oslo peer on the control broker (C{side="control"}) or the tenant one."""
+        node = self.control_node if side == "control" else self.tenant_node
+        label = f"oslo-{side}-{len(self.processes)}"
+        peer = spawn_peer(
+            self.reactor,
+            node.url(vhost),
+            self.path("logs", f"{label}.log"),
+            label,
+            namespace=self.namespace.name if side == "tenant" else None,
+            exchange=exchange,
+            rabbit_options=rabbit,
+        )
+        self.processes.append(peer)
+        return peer
+
+    async def stop_processes(self) -> None:
+        """Stop every process this lab started (twistd halves get SIGTERM)."""
+        waits = []
+        for process in self.processes:
+            if isinstance(process, HalfProcess):
+                if process.running:
+                    waits.append(process.stop())
+            else:
+                waits.append(process.quit())
+        self.processes = []
+        results = await defer.DeferredList(waits, consumeErrors=True)
+        del results
+
+    async def wait_for_log(self, process: HalfProcess, text: str, timeout: float = 30.0, count: int = 1) -> None:
+        """Wait until C{text} appears C{count} times in a half's log."""
+        waited = 0.0
+        while process.log().count(text) < count:
+            if not process.running:
+                raise AssertionError(f"{process.label} exited ({process.exit_code}) before logging {text!r}:\n{process.log()[-3000:]}")
+            if waited > timeout:
+                raise AssertionError(f"{process.label} did not log {text!r} within {timeout}s:\n{process.log()[-3000:]}")
+            await task.deferLater(self.reactor, 0.1, lambda: None)
+            waited += 0.1
+
+
+def kill_process(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

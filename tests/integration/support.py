@@ -1,0 +1,169 @@
+"""
+Shared set-up for the integration tests.
+
+One lab (namespace plus tenant RabbitMQ node) serves the whole test run: it
+starts on first use and stops when the test process exits.  Each test gets
+fresh vhosts on both brokers, its own sockets and its own msgmux processes,
+so tests cannot see each other's messages.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import threading
+import uuid
+from typing import Any
+
+from twisted.internet import defer, reactor, threads
+from twisted.trial.unittest import TestCase
+
+from lab.lab import HalfProcess, Lab
+from lab.peer import OsloPeer
+
+_lab: Lab | None = None
+_lab_lock = threading.Lock()
+
+
+def skip_reason() -> str | None:
+    """Why integration tests cannot run here, or L{None}."""
+    if os.environ.get("MSGMUX_INTEGRATION") != "1":
+        return "integration tests run with MSGMUX_INTEGRATION=1 (make test sets it)"
+    if os.geteuid() != 0:
+        return "integration tests need root (ip netns, a private RabbitMQ node)"
+    if shutil.which("rabbitmq-server") is None or shutil.which("ip") is None:
+        return "integration tests need rabbitmq-server and iproute2"
+    return None
+
+
+def _shared_lab() -> Lab:
+    global _lab
+    with _lab_lock:
+        if _lab is None:
+            lab = Lab(f"test{os.getpid() % 100000}", reactor)
+            lab.up()
+            atexit.register(lab.down)
+            _lab = lab
+        return _lab
+
+
+def shared_lab() -> defer.Deferred[Lab]:
+    """The run's lab, started on first use (in a thread: it blocks)."""
+    return threads.deferToThread(_shared_lab)
+
+
+def control_config(
+    lab: Lab,
+    vhost: str,
+    socket: str,
+    link: str,
+    routes: str,
+    limits: str = "",
+    extra: str = "",
+    queues: str = "",
+) -> str:
+    """Write a control half config; C{routes} is the TOML body of the link."""
+    return lab.write(
+        f"{link}-control.toml",
+        f"""
+[control]
+transport_url = "{lab.control_node.url(vhost)}"
+exchange = "openstack"
+link_heartbeat = 1.0
+{extra}
+
+[control.queues]
+{queues}
+
+[[control.links]]
+name = "{link}"
+socket = "{socket}"
+{routes}
+
+[control.links.limits]
+{limits}
+""",
+    )
+
+
+def tenant_config(lab: Lab, vhost: str, socket: str, link: str, queues: str = "") -> str:
+    """Write a tenant half config."""
+    return lab.write(
+        f"{link}-tenant.toml",
+        f"""
+[tenant]
+transport_url = "{lab.tenant_node.url(vhost)}"
+exchange = "openstack"
+socket = "{socket}"
+link = "{link}"
+
+[tenant.queues]
+{queues}
+""",
+    )
+
+
+class LabTestCase(TestCase):
+    """
+    A test with both brokers, fresh vhosts and cleanup of whatever it spawned.
+
+    @ivar lab: the shared lab.
+    @ivar control_vhost: this test's vhost on the control broker.
+    @ivar tenant_vhost: this test's vhost on the tenant broker.
+    """
+
+    timeout = 120
+    skip = skip_reason()
+
+    async def _set_up(self) -> None:
+        self.lab = await shared_lab()
+        self.tag = uuid.uuid4().hex[:8]
+        self.control_vhost, self.tenant_vhost = await threads.deferToThread(self.lab.vhosts, self.tag)
+        self.addCleanup(threads.deferToThread, self.lab.drop_vhosts, self.control_vhost, self.tenant_vhost)
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(self.lab.stop_processes()))
+
+    def setUp(self) -> defer.Deferred[None]:
+        return defer.Deferred.fromCoroutine(self._set_up())
+
+    def socket_path(self, link: str) -> str:
+        return self.lab.path("sockets", f"{link}-{self.tag}.sock")
+
+    async def start_link(
+        self,
+        routes: str,
+        link: str = "tenant-a",
+        limits: str = "",
+        extra: str = "",
+        queues: str = "",
+        tenant_queues: str = "",
+        wait: bool = True,
+    ) -> tuple[HalfProcess, HalfProcess]:
+        """
+        Start a control half and a tenant half for one link and wait until
+        both have their broker channels.
+        """
+        socket = self.socket_path(link)
+        control = self.lab.spawn_half(
+            control_config(self.lab, self.control_vhost, socket, f"{link}", routes, limits, extra, queues),
+            f"{link}-{self.tag}-control",
+            in_tenant_network=False,
+        )
+        await self.lab.wait_for_log(control, "listening on")
+        tenant = self.lab.spawn_half(
+            tenant_config(self.lab, self.tenant_vhost, socket, link, tenant_queues),
+            f"{link}-{self.tag}-tenant",
+            in_tenant_network=True,
+        )
+        if wait:
+            await self.lab.wait_for_log(control, "control broker channel ready")
+            await self.lab.wait_for_log(tenant, "tenant broker channel ready")
+        return control, tenant
+
+    async def peers(self, **rabbit: Any) -> tuple[OsloPeer, OsloPeer]:
+        """An oslo peer on each broker (the tenant one inside the namespace)."""
+        control = self.lab.spawn_peer("control", self.control_vhost, **rabbit)
+        tenant = self.lab.spawn_peer("tenant", self.tenant_vhost, **rabbit)
+        await control.ready
+        await tenant.ready
+        return control, tenant

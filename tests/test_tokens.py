@@ -1,0 +1,169 @@
+"""
+Tests for L{msgmux.oslo.tokens}: signed reply tokens verify only for the link
+and key they were issued under, and anything else is a L{TokenError}.
+"""
+
+from __future__ import annotations
+
+import base64
+import string
+
+import cbor2
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from msgmux.oslo.tokens import ReplyToken, TokenError, TokenSigner
+
+KEY = b"k" * 32
+SIGNER = TokenSigner(KEY)
+TOKEN = SIGNER.issue("tenant-a", "6a1c0e2f3b4d", "reply_0123abcd", 1700000000.25)
+PREFIX = "mmx1."
+#: What may follow the prefix: the base64url alphabet, the separator, padding and noise.
+ASCII_TAIL = string.ascii_letters + string.digits + "-_.=+/ \0"
+#: Text without lone surrogates: issue() cannot encode those yet (UnicodeEncodeError, reported).
+UNICODE = st.text(alphabet=st.characters(blacklist_categories=("Cs",)))
+
+
+def flip(text: str, index: int) -> str:
+    """C{text} with the base64url character at C{index} replaced by a different one."""
+    replacement = "B" if text[index] != "B" else "C"
+    return text[:index] + replacement + text[index + 1 :]
+
+
+def b64(data: bytes) -> str:
+    """Unpadded base64url, as tokens use."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+class RoundTripTests(SynchronousTestCase):
+    """A token verifies back to what it was issued with."""
+
+    def test_round_trip(self) -> None:
+        """verify() returns the msg_id, reply queue and deadline given to issue()."""
+        token = SIGNER.verify("tenant-a", TOKEN)
+        self.assertIsInstance(token, ReplyToken)
+        self.assertEqual((token.msg_id, token.reply_queue, token.deadline), ("6a1c0e2f3b4d", "reply_0123abcd", 1700000000.25))
+
+    def test_shape(self) -> None:
+        """Tokens are short printable ASCII with the mmx1. prefix, usable as an oslo _msg_id."""
+        self.assertTrue(TOKEN.startswith(PREFIX))
+        self.assertEqual(TOKEN.count("."), 2)
+        self.assertTrue(set(TOKEN) <= set(string.ascii_letters + string.digits + "-_."), TOKEN)
+        self.assertLess(len(TOKEN), 100)
+
+    def test_deadline_rounded(self) -> None:
+        """Deadlines keep millisecond precision and come back as floats."""
+        self.assertEqual(SIGNER.verify("l", SIGNER.issue("l", "m", "r", 12.3456789)).deadline, 12.346)
+        deadline = SIGNER.verify("l", SIGNER.issue("l", "m", "r", 5)).deadline
+        self.assertEqual((deadline, type(deadline)), (5.0, float))
+
+    def test_unicode_fields(self) -> None:
+        """Non-ASCII ids and queue names survive; the token itself stays ASCII."""
+        token = SIGNER.issue("tenant-ü", "msg-é", "reply-☃", 1.0)
+        self.assertTrue(token.isascii())
+        verified = SIGNER.verify("tenant-ü", token)
+        self.assertEqual((verified.msg_id, verified.reply_queue), ("msg-é", "reply-☃"))
+
+    def test_shared_key(self) -> None:
+        """Another signer with the same key verifies the token (control halves share reply_key_file)."""
+        self.assertEqual(TokenSigner(KEY).verify("tenant-a", TOKEN).msg_id, "6a1c0e2f3b4d")
+
+    def test_short_key(self) -> None:
+        """Keys shorter than 16 bytes are refused; 16 bytes are enough."""
+        self.assertRaises(ValueError, TokenSigner, b"k" * 15)
+        TokenSigner(b"k" * 16)
+
+    @settings(deadline=None)
+    @given(UNICODE, UNICODE, st.floats(min_value=0, max_value=2**40), UNICODE.filter(bool))
+    def test_round_trip_property(self, msg_id: str, reply_queue: str, deadline: float, link: str) -> None:
+        """Any ids, deadline and link round-trip, and no other link accepts the token."""
+        token = SIGNER.issue(link, msg_id, reply_queue, deadline)
+        verified = SIGNER.verify(link, token)
+        self.assertEqual((verified.msg_id, verified.reply_queue), (msg_id, reply_queue))
+        self.assertEqual(verified.deadline, round(deadline, 3))
+        self.assertRaises(TokenError, SIGNER.verify, link + "x", token)
+
+
+class RefusalTests(SynchronousTestCase):
+    """Everything but a genuine token for this link and key is a TokenError."""
+
+    def refuse(self, token: str, link: str = "tenant-a", signer: TokenSigner = SIGNER) -> None:
+        """Assert that C{signer} refuses C{token} on C{link}."""
+        self.assertRaises(TokenError, signer.verify, link, token)
+
+    def test_other_link(self) -> None:
+        """A token issued for one link is refused on another."""
+        self.refuse(TOKEN, "tenant-b")
+        self.refuse(TOKEN, "tenant-a ")
+        self.refuse(TOKEN, "")
+
+    def test_other_key(self) -> None:
+        """A token signed under another key is refused."""
+        self.refuse(TOKEN, signer=TokenSigner(b"x" * 32))
+        self.refuse(TokenSigner(b"x" * 32).issue("tenant-a", "6a1c0e2f3b4d", "reply_0123abcd", 1700000000.25))
+
+    def test_tampered_payload(self) -> None:
+        """Changing any character of the payload breaks the signature."""
+        payload_end = TOKEN.rindex(".")
+        for index in range(len(PREFIX), payload_end):
+            self.refuse(flip(TOKEN, index))
+
+    def test_swapped_payload(self) -> None:
+        """A payload naming another reply queue, with the original signature, is refused."""
+        payload = b64(cbor2.dumps(["6a1c0e2f3b4d", "reply_attacker", 1700000000.25]))
+        self.refuse(PREFIX + payload + TOKEN[TOKEN.rindex(".") :])
+
+    def test_tampered_mac(self) -> None:
+        """Changing a signature character that carries bits breaks the signature."""
+        mac_start = TOKEN.rindex(".") + 1
+        # The last of the 22 characters holds 2 signature bits and 4 padding bits.
+        for index in range(mac_start, len(TOKEN) - 1):
+            self.refuse(flip(TOKEN, index))
+
+    def test_truncated(self) -> None:
+        """Every proper prefix of a token is refused."""
+        for end in range(len(TOKEN)):
+            self.refuse(TOKEN[:end])
+
+    def test_missing_parts(self) -> None:
+        """Tokens without a signature or a payload are refused."""
+        payload, _, mac = TOKEN[len(PREFIX) :].partition(".")
+        for token in (PREFIX + payload, PREFIX + payload + ".", PREFIX + "." + mac, PREFIX + mac, PREFIX + ".", PREFIX):
+            self.refuse(token)
+
+    def test_not_prefixed(self) -> None:
+        """Strings without the mmx1. prefix, such as plain oslo msg_ids, are refused."""
+        for token in ("", "6a1c0e2f3b4d", TOKEN[len(PREFIX) :], "mmx2." + TOKEN[len(PREFIX) :], "MMX1." + TOKEN[len(PREFIX) :], " " + TOKEN):
+            self.refuse(token)
+
+    def test_garbage(self) -> None:
+        """Garbage after the prefix is refused."""
+        for token in ("mmx1.!!!.???", "mmx1.a.b", "mmx1.a.b.c", "mmx1.====.====", "mmx1.\0.\0", "mmx1.AAAA.AAAAAAAAAAAAAAAAAAAAAA"):
+            self.refuse(token)
+
+    def test_overlong(self) -> None:
+        """Tokens longer than 1024 characters are refused, even when correctly signed."""
+        long_token = SIGNER.issue("tenant-a", "m" * 1000, "r", 1.0)
+        self.assertGreater(len(long_token), 1024)
+        self.refuse(long_token)
+        self.refuse(TOKEN + "A" * 1024)
+
+    def test_signed_garbage(self) -> None:
+        """A correctly signed payload that is not [str, str, number] is still a TokenError."""
+        for value in (b"\xff", cbor2.dumps([1, "r", 2.0]), cbor2.dumps(["m", "r"]), cbor2.dumps(["m", "r", True]), cbor2.dumps({"a": 1})):
+            payload = b64(value)
+            mac = b64(SIGNER._mac("tenant-a", payload))
+            self.refuse(f"{PREFIX}{payload}.{mac}")
+
+    @settings(deadline=None)
+    @given(st.text(max_size=1100))
+    def test_arbitrary_text(self, token: str) -> None:
+        """Arbitrary text is refused with TokenError and nothing else."""
+        self.refuse(token)
+
+    @settings(deadline=None)
+    @given(st.text(alphabet=ASCII_TAIL, max_size=200))
+    def test_arbitrary_prefixed_ascii(self, tail: str) -> None:
+        """Arbitrary ASCII after the prefix is refused with TokenError and nothing else."""
+        self.refuse(PREFIX + tail)
