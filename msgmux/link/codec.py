@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import decimal
+import io
 import struct
 from collections.abc import Mapping
 from typing import Any, Union
@@ -293,19 +294,22 @@ def decode_frame(payload: bytes) -> Frame:
     @return: the frame.
     @raise FrameError: for anything that is not a well-formed frame.
     """
+    stream = io.BytesIO(payload)
     try:
-        array = cbor2.loads(
-            payload,
+        array = cbor2.CBORDecoder(
+            stream,
             tag_hook=_refuse_tag,
             semantic_decoders=_REFUSED_TAGS,
             max_depth=32,
             allow_indefinite=False,
             strict_hashable_types=True,
-        )
+        ).decode()
     except FrameError:
         raise
     except Exception as e:  # cbor2 raises CBORDecodeError, MemoryError, OverflowError...
         raise FrameError(f"bad CBOR: {type(e).__name__}: {e}") from None
+    if stream.tell() != len(payload):
+        raise FrameError("bytes after the frame's CBOR value")
     if type(array) is not list or not array:
         raise FrameError("frame is not a non-empty CBOR array")
     try:
