@@ -214,11 +214,18 @@ class ControlRelay(Relay):
             return None
         deadline = None if expiration is None else now + expiration
         body = delivery.body
-        if isinstance(address, RpcAddress) and envelope.might_be_call(body):
+        rule = source.rpc_rule
+        restricted = rule is not None and not rule.allows_method("*")
+        if isinstance(address, RpcAddress) and (restricted or envelope.might_be_call(body)):
             try:
                 parsed = envelope.parse(body)
             except envelope.EnvelopeError:
                 parsed = None  # not ours to judge: relay it as it is
+            if restricted and (parsed is None or not rule.allows_method(parsed.method or "")):  # type: ignore[union-attr]
+                delivery.reject(requeue=False)
+                method = parsed.method if parsed is not None else None
+                self.stats.reject("down", "method", f"method {method!r} is not allowed down {address.topic}")
+                return None
             if parsed is not None and parsed.is_call:
                 limit = self.config.limits.max_call_timeout
                 deadline = now + min(expiration if expiration is not None else limit, limit)

@@ -142,12 +142,14 @@ class Source:
     @ivar address: the address of every message from this queue, or L{None}
         for notification pools, whose address depends on the routing key.
     @ivar notification_rule: for notification pools, the rule.
+    @ivar rpc_rule: for RPC queues, the rule (its allowed methods).
     """
 
     queue: QueueSpec
     exchanges: tuple[ExchangeSpec, ...]
     address: Address | None
     notification_rule: NotificationRule | None = None
+    rpc_rule: RpcRule | None = None
 
     def address_for(self, routing_key: str) -> Address:
         """
@@ -181,13 +183,21 @@ def sources(
     found = []
     for rule in rpc_rules:
         exchange = topology.topic_exchange(rule.exchange)
-        found.append(Source(topology.topic_queue(rule.topic, exchange.name), (exchange,), RpcAddress(rule.exchange, rule.topic)))
+        found.append(
+            Source(
+                topology.topic_queue(rule.topic, exchange.name),
+                (exchange,),
+                RpcAddress(rule.exchange, rule.topic),
+                rpc_rule=rule,
+            )
+        )
         for server in rule.servers:
             found.append(
                 Source(
                     topology.topic_queue(f"{rule.topic}.{server}", exchange.name),
                     (exchange,),
                     RpcAddress(rule.exchange, rule.topic, server),
+                    rpc_rule=rule,
                 )
             )
         if rule.fanout:
@@ -197,6 +207,7 @@ def sources(
                     topology.fanout_queue(rule.topic, unique),
                     (topology.fanout_exchange(rule.topic),),
                     RpcAddress(rule.exchange, rule.topic, None, True),
+                    rpc_rule=rule,
                 )
             )
     for rule in notification_rules:

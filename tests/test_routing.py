@@ -103,12 +103,19 @@ class SourcesTests(SynchronousTestCase):
         """A topic queue and one topic.server queue per server, bound to the rule's exchange."""
         openstack = self.topology.topic_exchange()
         neutron = self.topology.topic_exchange("neutron")
+        rule = DOWN[0]
         self.assertEqual(
-            self.by_queue["l3_agent"], Source(self.topology.topic_queue("l3_agent"), (openstack,), RpcAddress(None, "l3_agent"))
+            self.by_queue["l3_agent"],
+            Source(self.topology.topic_queue("l3_agent"), (openstack,), RpcAddress(None, "l3_agent"), rpc_rule=rule),
         )
         self.assertEqual(
             self.by_queue["l3_agent.agent-2"],
-            Source(self.topology.topic_queue("l3_agent.agent-2"), (openstack,), RpcAddress(None, "l3_agent", "agent-2")),
+            Source(
+                self.topology.topic_queue("l3_agent.agent-2"),
+                (openstack,),
+                RpcAddress(None, "l3_agent", "agent-2"),
+                rpc_rule=rule,
+            ),
         )
         self.assertEqual(self.by_queue["l3_agent.agent-1"].address, RpcAddress(None, "l3_agent", "agent-1"))
         dhcp = self.by_queue["dhcp"]

@@ -306,6 +306,17 @@ class BrokerProtocol(AMQClient):
         if fast is not None:
             fast.lost(reason)
 
+    def do_close(self, reason: Any) -> None:
+        """
+        txAMQP's C{do_close}, iterating over a copy: closing a channel fires
+        Deferreds whose callbacks may forget channels while txAMQP iterates.
+        """
+        for channel in list(self.channels.values()):
+            channel.close(reason)
+        for queue in list(self.queues.values()):
+            queue.close()
+        self.delegate.close(reason)
+
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         super().connectionLost(reason)
         channels, self.fast_channels = self.fast_channels, {}

@@ -1,0 +1,227 @@
+"""
+The trust boundary against a hostile tenant half.
+
+The control half runs in this process against the real control broker; the
+"tenant half" is the test itself, speaking the link protocol frame by frame
+(L{RawTenant}).  A probe queue on the control broker sees everything that
+reaches the routed exchange, so the tests can check that nothing the policy
+refuses gets there, and that what passes carries the link's identity.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from typing import Any
+
+from twisted.internet import defer, reactor, task
+
+from msgmux.config import load
+from msgmux.control import IDENTITY_HEADER
+from msgmux.link import codec
+from msgmux.link.codec import NotificationAddress, ReplyAddress, RpcAddress
+from msgmux.service import ControlHalf
+from tests.integration.hostile import BrokerProbe, connect_raw, oslo_body
+from tests.integration.support import LabTestCase, control_config
+
+ROUTES = """
+down = [ { topic = "l3_agent", servers = ["agent-1"] } ]
+up = [ { topic = "q-reports", methods = ["report_state"] }, { topic = "q-plugin", servers = ["ctl-1"], methods = ["sync"] } ]
+notifications_up = [ { topic = "notifications", priorities = ["info"] } ]
+"""
+
+REPORT = oslo_body({"method": "report_state", "args": {"agent": "a1"}, "_unique_id": "u1"})
+
+
+class TrustTests(LabTestCase):
+    async def _start(self, limits: str = "", routes: str = ROUTES) -> tuple[ControlHalf, Any, BrokerProbe]:
+        path = control_config(self.lab, self.control_vhost, self.socket_path("tenant-a"), "tenant-a", routes, limits)
+        half = ControlHalf(load(path).control, reactor)  # type: ignore[arg-type]
+        half.start()
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(half.stop()))
+        probe = BrokerProbe(reactor, self.lab.control_node.url(self.control_vhost))
+        await probe.start(
+            "probe",
+            [
+                ("openstack", "topic", "q-reports"),
+                ("openstack", "topic", "q-plugin.#"),
+                ("openstack", "topic", "notifications.*"),
+                ("openstack", "topic", "l3_agent.#"),
+            ],
+        )
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(probe.stop()))
+        await half.broker.when_connected()
+        return half, half.links["tenant-a"], probe
+
+    async def _settle(self, seconds: float = 0.5) -> None:
+        await task.deferLater(reactor, seconds, lambda: None)
+
+    async def test_good_traffic_is_stamped(self) -> None:
+        """A permitted cast reaches the control broker with the link's identity, whatever the tenant claimed."""
+        half, link, probe = await self._start()
+        tenant = await connect_raw(reactor, self.socket_path("tenant-a"))
+        seq = tenant.send_message(
+            RpcAddress(None, "q-reports"),
+            REPORT,
+            {"headers": {IDENTITY_HEADER: "tenant-b", "other": 1}, "user_id": "admin"},
+        )
+        self.assertEqual(await tenant.wait_outcome(seq), "ack")
+        await tenant.wait_for(lambda: len(probe.received) == 1)
+        delivery = probe.received[0]
+        self.assertEqual(delivery.properties["headers"], {IDENTITY_HEADER: "tenant-a", "other": 1})
+        self.assertNotIn("user_id", delivery.properties)
+        self.assertEqual(delivery.body, REPORT)
+        self.assertEqual(link.stats.get("relayed", direction="up"), 1)
+
+    async def test_policy_refusals(self) -> None:
+        """Disallowed routes, methods, servers, fanout and malformed messages are refused, counted, and never published."""
+        half, link, probe = await self._start()
+        tenant = await connect_raw(reactor, self.socket_path("tenant-a"))
+        cases = [
+            (RpcAddress(None, "l3_agent"), REPORT, {}, "route"),  # a down-only topic
+            (RpcAddress("nova", "q-reports"), REPORT, {}, "route"),  # another exchange
+            (RpcAddress(None, "q-reports", None, True), REPORT, {}, "route"),  # fanout not allowed
+            (RpcAddress(None, "q-plugin", "ctl-2"), oslo_body({"method": "sync"}), {}, "route"),  # unlisted server
+            (RpcAddress(None, "q-reports"), oslo_body({"method": "delete_everything"}), {}, "method"),
+            (RpcAddress(None, "q-reports"), b"not json", {}, "malformed"),
+            (RpcAddress(None, "q-reports"), oslo_body({"args": {}}), {}, "method"),  # no method at all
+            (RpcAddress(None, "q-reports"), REPORT, {"expiration": "soon"}, "malformed"),
+            (NotificationAddress(None, "notifications", "error"), oslo_body({"event_type": "x"}), {}, "route"),
+            (NotificationAddress(None, "secrets", "info"), oslo_body({"event_type": "x"}), {}, "route"),
+        ]
+        for address, body, properties, reason in cases:
+            seq = tenant.send_message(address, body, properties)
+            self.assertEqual(await tenant.wait_outcome(seq), reason, (address, body))
+        # The session survived all of it and still carries good traffic.
+        seq = tenant.send_message(RpcAddress(None, "q-plugin", "ctl-1"), oslo_body({"method": "sync"}))
+        self.assertEqual(await tenant.wait_outcome(seq), "ack")
+        await tenant.wait_for(lambda: len(probe.received) == 1)
+        await self._settle()
+        self.assertEqual([d.routing_key for d in probe.received], ["q-plugin.ctl-1"])
+        self.assertEqual(link.stats.get("rejected", direction="up"), len(cases))
+        self.assertEqual(link.stats.get("rejected", direction="up", reason="route"), 6)
+        self.assertEqual(link.stats.get("rejected", direction="up", reason="method"), 2)
+
+    async def test_replies_only_for_real_calls(self) -> None:
+        """Forged, foreign, garbage and late reply tokens are refused; nothing reaches the control broker."""
+        half, link, probe = await self._start()
+        tenant = await connect_raw(reactor, self.socket_path("tenant-a"))
+        from msgmux.oslo.tokens import TokenSigner
+
+        now = time.time()
+        tokens = {
+            "reply_0123456789abcdef": "unsolicited-reply",  # a bare oslo reply queue name
+            TokenSigner(b"x" * 32).issue("tenant-a", "m1", "reply_victim", now + 60): "unsolicited-reply",
+            half.signer.issue("tenant-b", "m1", "reply_victim", now + 60): "unsolicited-reply",
+            half.signer.issue("tenant-a", "m1", "reply_victim", now - 1): "late-reply",
+        }
+        for token, reason in tokens.items():
+            body = oslo_body({"result": "pwned", "failure": None, "ending": True, "_msg_id": token})
+            seq = tenant.send_message(ReplyAddress(), body)
+            self.assertEqual(await tenant.wait_outcome(seq), reason)
+        await self._settle()
+        self.assertEqual(probe.received, [])
+        self.assertEqual(link.stats.get("rejected", direction="up", reason="unsolicited-reply"), 3)
+        self.assertEqual(link.stats.get("rejected", direction="up", reason="late-reply"), 1)
+
+    async def test_size_and_inflight_limits(self) -> None:
+        """Messages over max_message_size and calls over max_inflight_calls are refused and counted."""
+        half, link, probe = await self._start("max_message_size = 4096\nmax_inflight_calls = 2")
+        tenant = await connect_raw(reactor, self.socket_path("tenant-a"))
+        big = oslo_body({"method": "report_state", "args": {"blob": "x" * 5000}})
+        self.assertEqual(await tenant.wait_outcome(tenant.send_message(RpcAddress(None, "q-reports"), big)), "too-large")
+        outcomes = []
+        for index in range(3):
+            call = oslo_body({"method": "report_state", "_msg_id": f"m{index}", "_reply_q": "reply_agent", "_unique_id": f"u{index}"})
+            outcomes.append(await tenant.wait_outcome(tenant.send_message(RpcAddress(None, "q-reports"), call, {"expiration": "30000"})))
+        self.assertEqual(outcomes, ["ack", "ack", "inflight"])
+        self.assertEqual(link.calls.inflight("up"), 2)
+        await self._settle()
+        self.assertEqual(len(probe.received), 2)
+        # Relayed calls carry a token and the control half's reply queue, not the tenant's.
+        for delivery in probe.received:
+            inner = __import__("json").loads(__import__("json").loads(delivery.body)["oslo.message"])
+            self.assertTrue(inner["_msg_id"].startswith("mmx1."))
+            self.assertEqual(inner["_reply_q"], "reply_msgmux_tenant-a")
+
+    async def test_protocol_violations_close_the_session(self) -> None:
+        """Malformed CBOR, oversized frames and sending without credit close the session; the next one works."""
+        half, link, probe = await self._start("max_message_size = 4096")
+        attacks: list[Any] = [
+            lambda t: t.send_raw(struct.pack(">I", 5) + b"\xff\x00\x01\x02\x03"),  # not CBOR
+            lambda t: t.send_raw(struct.pack(">I", 10 * 1024 * 1024)),  # far over max_frame
+            lambda t: t.send_raw(struct.pack(">I", 2) + b"\x81\x18"),  # truncated CBOR value
+        ]
+        for attack in attacks:
+            tenant = await connect_raw(reactor, self.socket_path("tenant-a"))
+            attack(tenant)
+            await tenant.closed
+            self.assertEqual(tenant.close_frame().code, "bad-frame")
+        tenant = await connect_raw(reactor, self.socket_path("tenant-a"), hello=False)
+        # HELLO and a MSG in one write: the MSG arrives before any CREDIT.
+        tenant.send_raw(
+            codec.encode(codec.Hello((codec.PROTOCOL_VERSION,), "tenant-a", "eager"))
+            + codec.encode(codec.Message(1, RpcAddress(None, "q-reports"), {}, REPORT))
+        )
+        await tenant.closed
+        self.assertEqual(tenant.close_frame().code, "flow-control")
+        self.assertEqual(link.stats.get("protocol_violations"), 4)
+        tenant = await connect_raw(reactor, self.socket_path("tenant-a"))
+        self.assertEqual(await tenant.wait_outcome(tenant.send_message(RpcAddress(None, "q-reports"), REPORT)), "ack")
+
+    async def test_rate_limit_withholds_credit(self) -> None:
+        """A tenant gets credit no faster than max_rate (after its burst); the excess waits, nothing is dropped."""
+        half, link, probe = await self._start("max_rate = 20.0\nburst = 10")
+        started = time.monotonic()
+        tenant = await connect_raw(reactor, self.socket_path("tenant-a"))
+        sent = 0
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            while sent < tenant.credit():
+                tenant.send_message(RpcAddress(None, "q-reports"), REPORT)
+                sent += 1
+            await task.deferLater(reactor, 0.02, lambda: None)
+        elapsed = time.monotonic() - started
+        # Correctness bound, not a speed check: the bucket never hands out more
+        # than its burst plus its rate times the time that passed.
+        self.assertLessEqual(tenant.credit(), 10 + 20 * elapsed + 1)
+        self.assertGreater(link.stats.get("throttled"), 0)
+        await tenant.wait_for(lambda: all(tenant.outcome(s) == "ack" for s in range(1, sent + 1)))
+        await tenant.wait_for(lambda: len(probe.received) == sent)
+
+    async def test_down_methods_restricted(self) -> None:
+        """A down route listing methods relays only those; the others are dropped and counted."""
+        routes = ROUTES.replace('servers = ["agent-1"] }', 'servers = ["agent-1"], methods = ["sync_routers"] }')
+        half, link, probe = await self._start(routes=routes)
+        tenant = await connect_raw(reactor, self.socket_path("tenant-a"))
+        tenant.send(codec.Credit(10))
+        assert probe.channel is not None
+        for method in ("delete_router", "sync_routers"):
+            await probe.channel.publish(
+                "openstack", "l3_agent", {"content_type": "application/json"}, oslo_body({"method": method, "args": {}})
+            )
+        await tenant.wait_for(lambda: any(isinstance(f, codec.Message) for f in tenant.frames))
+        await self._settle()
+        relayed = [f for f in tenant.frames if isinstance(f, codec.Message)]
+        self.assertEqual(len(relayed), 1)
+        self.assertIn(b"sync_routers", relayed[0].body)
+        self.assertEqual(link.stats.get("rejected", direction="down", reason="method"), 1)
+
+    async def test_second_tenant_is_refused(self) -> None:
+        """While a tenant half holds the link, another one is turned away with 'busy'."""
+        half, link, probe = await self._start()
+        first = await connect_raw(reactor, self.socket_path("tenant-a"))
+        second = await connect_raw(reactor, self.socket_path("tenant-a"), hello=False)
+        second.send(codec.Hello((codec.PROTOCOL_VERSION,), "tenant-a", "intruder"))
+        await second.closed
+        self.assertEqual(second.close_frame().code, "busy")
+        self.assertEqual(await first.wait_outcome(first.send_message(RpcAddress(None, "q-reports"), REPORT)), "ack")
+
+    async def test_tenant_cannot_claim_another_link(self) -> None:
+        """A HELLO naming another link is refused."""
+        await self._start()
+        tenant = await connect_raw(reactor, self.socket_path("tenant-a"), hello=False)
+        tenant.send(codec.Hello((codec.PROTOCOL_VERSION,), "tenant-b", "confused"))
+        await tenant.closed
+        self.assertEqual(tenant.close_frame().code, "wrong-link")
+
