@@ -8,7 +8,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: all venv test unit demo clean
+.PHONY: all venv test unit demo faults clean
 
 all: test
 
@@ -32,6 +32,11 @@ unit: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m lab.demo
+
+# Fault injection under load (kill -9 each half, restart each broker, cut the socket, drop connections);
+# prints the sent/delivered/lost/duplicated/outage table.  About two minutes.
+faults: $(STAMP)
+	$(PY) -m lab.faults
 
 clean:
 	rm -rf $(VENV) _trial_temp /tmp/msgmux-trial

@@ -50,7 +50,7 @@ class HalfProcess(ProcessProtocol):
     def running(self) -> bool:
         return not self.ended.called
 
-    def signal(self, name: str) -> None:
+    def signal(self, name: str | int) -> None:
         if self.running:
             self.transport.signalProcess(name)
 
@@ -79,7 +79,12 @@ class Lab:
     @ivar root: working directory (configs, sockets, logs, broker data).
     """
 
-    def __init__(self, name: str, reactor: Any = None) -> None:
+    def __init__(self, name: str, reactor: Any = None, private_control: bool = False) -> None:
+        """
+        @param private_control: run a private control broker node on the
+            host (port 5673) instead of using the machine's RabbitMQ, so that
+            it can be killed and restarted (C{make faults}).
+        """
         if reactor is None:
             from twisted.internet import reactor as global_reactor
 
@@ -89,7 +94,11 @@ class Lab:
         self.root = f"/tmp/msgmux-lab/{name}"
         self.namespace = Namespace(f"msgmux-{name}")
         self.tenant_node = RabbitNode("tenant@localhost", f"{self.root}/tenant-rabbit", self.namespace)
-        self.control_node = SystemBroker()
+        self.control_node: RabbitNode | SystemBroker
+        if private_control:
+            self.control_node = RabbitNode(f"msgmux-{name}-control@localhost", f"{self.root}/control-rabbit", None, 5673)
+        else:
+            self.control_node = SystemBroker()
         self.processes: list[Any] = []
 
     # --- blocking set-up (call from a thread under a running reactor) -------
@@ -100,11 +109,18 @@ class Lab:
         os.chmod(self.root, 0o755)
         self.namespace.create()
         self.tenant_node.prepare()
-        return self.tenant_node.start()
+        started = self.tenant_node.start()
+        if isinstance(self.control_node, RabbitNode):
+            self.control_node.stop(kill=True)  # a leftover from a crashed run
+            self.control_node.prepare()
+            started += self.control_node.start()
+        return started
 
     def down(self) -> None:
-        """Stop the tenant broker and remove the namespace."""
+        """Stop the lab's brokers and remove the namespace."""
         self.tenant_node.stop()
+        if isinstance(self.control_node, RabbitNode):
+            self.control_node.stop()
         self.namespace.delete()
 
     def vhosts(self, tag: str | None = None) -> tuple[str, str]:
@@ -141,8 +157,12 @@ class Lab:
         log_path = self.path("logs", f"{label}.log")
         if os.path.exists(log_path):
             os.remove(log_path)
-        process = HalfProcess(label, log_path)
         argv = [TWISTD, "-n", "--pidfile=", f"--logfile={log_path}", "msgmux", "--config", config_path]
+        return self.spawn(argv, label, in_tenant_network, log_path)
+
+    def spawn(self, argv: list[str], label: str, in_tenant_network: bool = False, log_path: str | None = None) -> HalfProcess:
+        """Run any lab process (its output is kept in memory if no log is given)."""
+        process = HalfProcess(label, log_path or self.path("logs", f"{label}.log"))
         if in_tenant_network:
             argv = self.namespace.argv(argv)
         environment = dict(os.environ)

@@ -25,6 +25,7 @@ Commands (C{op}):
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import threading
@@ -46,6 +47,24 @@ from oslo_messaging._tracing import client as om_tracing
 # Worker threads otherwise poll for work once a second, which makes every
 # server stop take a second.
 futurist._thread.ThreadWorker.MAX_IDLE_FOR = 0.05
+
+
+class DuplicateCounter(logging.Handler):
+    """Counts oslo's "duplicate message" reports: duplicates it filtered out."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if "duplicate message" in text:
+            self.count += 1
+
+
+DUPLICATES = DuplicateCounter()
+logging.getLogger("oslo_messaging").addHandler(DUPLICATES)
+logging.getLogger("oslo_messaging").setLevel(logging.INFO)
 
 
 class PeerError(Exception):
@@ -84,7 +103,7 @@ class RecordingEndpoint:
 
     def _record(self, ctxt: dict[str, Any], method: str, kwargs: dict[str, Any]) -> None:
         with self.lock:
-            self.received.append({"method": method, "kwargs": kwargs, "context": ctxt})
+            self.received.append({"method": method, "kwargs": kwargs, "context": ctxt, "at": time.time()})
 
     def echo(self, ctxt: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         self._record(ctxt, "echo", kwargs)
@@ -125,7 +144,13 @@ class RecordingNotifications:
         def record(ctxt: Any, publisher_id: str, event_type: str, payload: Any, metadata: Any) -> None:
             with self.lock:
                 self.received.append(
-                    {"priority": priority, "publisher_id": publisher_id, "event_type": event_type, "payload": payload}
+                    {
+                        "priority": priority,
+                        "publisher_id": publisher_id,
+                        "event_type": event_type,
+                        "payload": payload,
+                        "at": time.time(),
+                    }
                 )
 
         return record
@@ -240,6 +265,40 @@ class Peer:
         for thread in workers:
             thread.join()
         return {"elapsed": time.perf_counter() - started, "latencies": latencies, "errors": errors}
+
+    def op_duplicates(self, command: dict[str, Any]) -> int:
+        """How many duplicates oslo's own _unique_id check dropped so far."""
+        return DUPLICATES.count
+
+    def op_load(self, command: dict[str, Any]) -> list[list[Any]]:
+        """
+        Steady load for fault injection: C{count} casts (or notifications,
+        or calls) with ids 0..count-1 at C{rate} per second.  @return:
+        C{[id, ok, sent_at, error]} per message.
+        """
+        kind, count, rate = command["kind"], command["count"], command["rate"]
+        client = self.client(command) if kind in ("cast", "call") else None
+        notifier = None
+        if kind == "notify":
+            notifier = om.Notifier(self.notifications, publisher_id="lab.load", driver="messagingv2", topics=[command["topic"]])
+        results: list[list[Any]] = []
+        started = time.monotonic()
+        for index in range(count):
+            delay = started + index / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            sent_at = time.time()
+            try:
+                if kind == "cast":
+                    client.cast({}, command.get("method", "echo"), i=index)  # type: ignore[union-attr]
+                elif kind == "call":
+                    client.call({}, command.get("method", "echo"), i=index)  # type: ignore[union-attr]
+                else:
+                    notifier.info({}, "load.event", {"i": index})  # type: ignore[union-attr]
+                results.append([index, True, sent_at, None])
+            except Exception as e:
+                results.append([index, False, sent_at, type(e).__name__])
+        return results
 
     def op_notify(self, command: dict[str, Any]) -> None:
         notifier = om.Notifier(

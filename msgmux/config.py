@@ -203,6 +203,9 @@ class ControlConfig:
     @ivar link_window: messages one half may have unacknowledged on the link.
     @ivar metrics: endpoint description for the Prometheus listener, or
         L{None}.
+    @ivar canary_interval: seconds between canaries, msgmux's own probe
+        messages that go round through both brokers; a link is healthy when
+        one made it round within three intervals.
     """
 
     broker: BrokerConfig
@@ -211,6 +214,7 @@ class ControlConfig:
     link_heartbeat: float = 5.0
     link_window: int = 256
     metrics: str | None = None
+    canary_interval: float = 10.0
 
 
 @attrs.frozen
@@ -301,6 +305,7 @@ def _control(section: Section) -> ControlConfig:
     heartbeat = section.get("link_heartbeat", float, 5.0, _positive)
     window = section.get("link_window", int, 256, lambda v: None if 1 <= v <= 65535 else "must be 1-65535")
     metrics = section.get("metrics", str, None)
+    canary_interval = section.get("canary_interval", float, 10.0, lambda v: None if v >= 0.1 else "must be at least 0.1 seconds")
     default_limits = _limits(section.table("limits"), Limits())
     links = tuple(_link(link, default_limits, broker.exchange) for link in section.tables("links"))
     if not links:
@@ -315,6 +320,7 @@ def _control(section: Section) -> ControlConfig:
         link_heartbeat=heartbeat,
         link_window=window,
         metrics=metrics,
+        canary_interval=canary_interval,
     )
 
 

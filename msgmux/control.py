@@ -14,9 +14,11 @@ its C{max_rate}; the excess waits on the tenant broker.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
@@ -24,13 +26,13 @@ from msgmux.amqp.broker import BrokerService
 from msgmux.amqp.channel import Delivery
 from msgmux.calls import CallTracker
 from msgmux.config import ControlConfig, LinkConfig, RpcRule
-from msgmux.link.codec import FRAME_OVERHEAD, Message, NotificationAddress, ReplyAddress, RpcAddress
+from msgmux.link.codec import FRAME_OVERHEAD, CanaryAddress, Message, NotificationAddress, ReplyAddress, RpcAddress
 from msgmux.link.protocol import ControlLinkProtocol, LinkProtocol
 from msgmux.oslo import envelope
 from msgmux.oslo.tokens import TokenError, TokenSigner
 from msgmux.oslo.topology import ExchangeSpec, OsloTopology, QueueSpec
 from msgmux.relay import Publication, Refusal, Relay
-from msgmux.routing import Destination, LinkRoutes, Source, destination, publish_topology, sources
+from msgmux.routing import Destination, LinkRoutes, Source, canary_queue_name, destination, publish_topology, sources
 from msgmux.stats import LinkStats
 
 __all__ = ["ControlLink", "ControlLinkFactory", "ControlRelay", "IDENTITY_HEADER"]
@@ -96,7 +98,18 @@ class ControlLink:
         self.calls = CallTracker(clock, self.stats)
         self.bucket = TokenBucket(config.limits.max_rate, config.limits.burst, clock)
         self.relay: ControlRelay | None = None
+        self.last_canary: float | None = None
         self.stats.gauges["link_up"] = 0
+
+    def healthy(self) -> bool:
+        """
+        Messages are moving: a canary went round both brokers within the
+        last three canary intervals.  (Connection state alone says nothing:
+        a link can be up while a broker blocks or a channel is stuck.)
+        """
+        if self.last_canary is None:
+            return False
+        return self.clock.seconds() - self.last_canary <= 3 * self.control.canary_interval
 
     @property
     def max_frame(self) -> int:
@@ -159,6 +172,8 @@ class ControlRelay(Relay):
         self.config = owner.config
         self._owed_credit = 0
         self._credit_call: Any = None
+        self._canaries = LoopingCall(self._send_canary)
+        self._canaries.clock = owner.clock
 
     # --- topology -------------------------------------------------------
 
@@ -189,7 +204,37 @@ class ControlRelay(Relay):
     def session_ended(self, reason: str) -> None:
         if self._credit_call is not None and self._credit_call.active():
             self._credit_call.cancel()
+        if self._canaries.running:
+            self._canaries.stop()
         super().session_ended(reason)
+
+    # --- canaries: health means messages move ------------------------------
+
+    def session_started(self, link: LinkProtocol) -> None:
+        super().session_started(link)
+        self._canaries.start(self.owner.control.canary_interval, now=False)
+
+    def _send_canary(self) -> None:
+        """Put a canary on the control broker; it comes back through the tenant broker."""
+        channel = self.channel
+        if channel is None:
+            return
+        body = json.dumps({"sent": self.clock.seconds(), "link": self.config.name}).encode()
+        canary = channel.publish("", canary_queue_name(self.config.name), {"content_type": "application/json"}, body)
+        canary.addErrback(lambda failure: None)  # a lost canary is what the health check is for
+        self.stats.count("canaries_sent")
+
+    def _canary_back(self, body: bytes) -> None:
+        try:
+            sent = float(json.loads(body)["sent"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise Refusal("malformed", f"not a canary: {e}") from None
+        now = self.clock.seconds()
+        if sent > now:
+            raise Refusal("malformed", "canary from the future")
+        self.owner.last_canary = now
+        self.stats.gauges["canary_round_trip_seconds"] = now - sent
+        self.stats.count("canaries_returned")
 
     # --- downstream: control broker -> tenant -------------------------------
 
@@ -204,6 +249,8 @@ class ControlRelay(Relay):
             properties = {k: v for k, v in properties.items() if k != "user_id"}
         if isinstance(source.address, ReplyAddress):
             return self._reply_down(delivery, properties)
+        if isinstance(source.address, CanaryAddress):
+            return Message(0, CanaryAddress(), properties, delivery.body)
         address = source.address_for(delivery.routing_key)
         now = self.clock.seconds()
         try:
@@ -261,7 +308,7 @@ class ControlRelay(Relay):
 
     # --- upstream: tenant -> control broker: the policy ---------------------
 
-    def inbound(self, message: Message) -> Publication:
+    def inbound(self, message: Message) -> Publication | None:
         limit = self.config.limits.max_message_size
         if len(message.body) > limit:
             raise Refusal("too-large", f"{len(message.body)} bytes, the limit is {limit}")
@@ -271,6 +318,9 @@ class ControlRelay(Relay):
             return self._rpc_up(address, properties, message.body)
         if isinstance(address, NotificationAddress):
             return self._notification_up(address, properties, message.body)
+        if isinstance(address, CanaryAddress):
+            self._canary_back(message.body)
+            return None
         return self._reply_up(properties, message.body)
 
     def _stamped(self, properties: Any) -> dict[str, Any]:

@@ -126,10 +126,12 @@ class Relay:
         """
         raise NotImplementedError
 
-    def inbound(self, message: Message) -> Publication:
+    def inbound(self, message: Message) -> Publication | None:
         """
         Decide what to publish for a peer's message.
 
+        @return: the publication, or L{None} when the message ends here
+            (it is acknowledged at once).
         @raise Refusal: to refuse it for good.
         """
         raise NotImplementedError
@@ -339,6 +341,9 @@ class Relay:
             self.link.refuse(message.seq, refusal.reason)
             self.stats.reject(self.direction_in, refusal.reason, refusal.detail)
             self.return_credit(1)
+            return
+        if publication is None:
+            self._settled(message.seq)
             return
         entry = _Inbound(message.seq, publication)
         if self.channel is None:

@@ -18,13 +18,28 @@ from typing import Any
 import attrs
 
 from msgmux.config import LinkConfig, NotificationRule, RpcRule
-from msgmux.link.codec import Address, NotificationAddress, ReplyAddress, RpcAddress
+from msgmux.link.codec import Address, CanaryAddress, NotificationAddress, ReplyAddress, RpcAddress
 from msgmux.oslo.topology import ExchangeSpec, OsloTopology, QueueSpec
 
 __all__ = ["Destination", "LinkRoutes", "Source", "destination", "publish_topology", "sources"]
 
 # Fixed so that a restarted half finds the fanout queue it used before.
 _FANOUT_NAMESPACE = uuid.UUID("0b5c1f4e-7a3d-4b8e-9a51-6d2f0c8e4a17")
+
+
+def canary_queue_name(link: str) -> str:
+    """@return: the queue each half passes link C{link}'s canaries through."""
+    return f"msgmux_canary_{link}"
+
+
+def canary_queue(link: str) -> QueueSpec:
+    """
+    The canary queue: msgmux's own, not oslo's, so a plain transient queue
+    that forgets stale canaries (one minute) and itself when unused.
+    """
+    return QueueSpec(
+        name=canary_queue_name(link), durable=False, auto_delete=False, arguments=(("x-expires", 600000), ("x-message-ttl", 60000))
+    )
 
 
 def reply_queue_name(link: str) -> str:
@@ -216,6 +231,7 @@ def sources(
         keys = tuple(f"{rule.topic}.{priority}" for priority in rule.priorities)
         found.append(Source(topology.pool_queue(pool, exchange.name, keys), (exchange,), None, rule))
     found.append(Source(topology.reply_queue(reply_queue_name(link)), (), ReplyAddress()))
+    found.append(Source(canary_queue(link), (), CanaryAddress()))
     return found
 
 
@@ -282,5 +298,5 @@ def destination(address: Address, topology: OsloTopology) -> Destination:
         return Destination(
             exchange.name, f"{address.topic}.{address.priority}", redeclare=exchange if exchange.auto_delete else None
         )
-    assert address.queue is not None
+    assert isinstance(address, ReplyAddress) and address.queue is not None
     return Destination("", address.queue, mandatory=True)

@@ -20,11 +20,11 @@ from twisted.logger import Logger
 from msgmux.amqp.broker import BrokerService
 from msgmux.amqp.channel import Delivery
 from msgmux.config import TenantConfig
-from msgmux.link.codec import Message, ReplyAddress, Welcome
+from msgmux.link.codec import CanaryAddress, Message, ReplyAddress, Welcome
 from msgmux.link.protocol import LinkProtocol, SessionHandler, TenantLinkProtocol
 from msgmux.oslo.topology import ExchangeSpec, OsloTopology, QueueSpec
 from msgmux.relay import Publication, Refusal, Relay
-from msgmux.routing import LinkRoutes, Source, destination, publish_topology, sources
+from msgmux.routing import Destination, LinkRoutes, Source, canary_queue_name, destination, publish_topology, sources
 from msgmux.stats import LinkStats
 
 __all__ = ["TenantLink", "TenantLinkFactory", "TenantRelay"]
@@ -103,6 +103,8 @@ class TenantRelay(Relay):
         return Message(0, source.address_for(delivery.routing_key), delivery.properties, delivery.body)
 
     def inbound(self, message: Message) -> Publication:
+        if isinstance(message.address, CanaryAddress):
+            return Publication(Destination("", canary_queue_name(self.routes.link)), dict(message.properties), message.body)
         if isinstance(message.address, ReplyAddress) and not message.address.queue:
             raise Refusal("malformed", "reply without a reply queue")
         return Publication(

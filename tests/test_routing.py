@@ -15,9 +15,18 @@ from twisted.trial.unittest import SynchronousTestCase
 
 import msgmux
 from msgmux.config import LinkConfig, NotificationRule, QueueOptions, RpcRule
-from msgmux.link.codec import NotificationAddress, ReplyAddress, RpcAddress
+from msgmux.link.codec import CanaryAddress, NotificationAddress, ReplyAddress, RpcAddress
 from msgmux.oslo.topology import ExchangeSpec, OsloTopology
-from msgmux.routing import Destination, LinkRoutes, Source, destination, publish_topology, reply_queue_name, sources
+from msgmux.routing import (
+    Destination,
+    LinkRoutes,
+    Source,
+    canary_queue,
+    destination,
+    publish_topology,
+    reply_queue_name,
+    sources,
+)
 
 DOWN = (RpcRule("l3_agent", ("agent-1", "agent-2"), True, ("sync",)), RpcRule("dhcp", exchange="neutron"))
 UP = (RpcRule("q-reports", methods=("report_state",)),)
@@ -170,11 +179,17 @@ class SourcesTests(SynchronousTestCase):
         rpc = self.by_queue["l3_agent"]
         self.assertEqual(rpc.address_for("anything"), RpcAddress(None, "l3_agent"))
 
-    def test_reply_queue(self) -> None:
-        """The half's own reply queue comes last, unbound, with reply addresses."""
-        reply = self.found[-1]
+    def test_reply_and_canary_queues(self) -> None:
+        """The half's own reply and canary queues come last, unbound, with their addresses."""
+        reply, canary = self.found[-2:]
         self.assertEqual(reply, Source(self.topology.reply_queue("reply_msgmux_tenant-a"), (), ReplyAddress()))
-        self.assertEqual(sources("x", (), (), self.topology), [Source(self.topology.reply_queue("reply_msgmux_x"), (), ReplyAddress())])
+        self.assertEqual(canary, Source(canary_queue("tenant-a"), (), CanaryAddress()))
+        self.assertEqual(
+            sources("x", (), (), self.topology),
+            [Source(self.topology.reply_queue("reply_msgmux_x"), (), ReplyAddress()), Source(canary_queue("x"), (), CanaryAddress())],
+        )
+        self.assertEqual(canary.queue.name, "msgmux_canary_tenant-a")
+        self.assertEqual(dict(canary.queue.arguments), {"x-expires": 600000, "x-message-ttl": 60000})
 
     def test_exact_set(self) -> None:
         """Nothing else is consumed."""
@@ -189,10 +204,11 @@ class SourcesTests(SynchronousTestCase):
                     "dhcp",
                     "msgmux_tenant-a_openstack_notifications",
                     "reply_msgmux_tenant-a",
+                    "msgmux_canary_tenant-a",
                 ]
             ),
         )
-        self.assertEqual(len(self.found), 7)
+        self.assertEqual(len(self.found), 8)
 
     def test_options_apply(self) -> None:
         """The broker's oslo options shape the consumed queues."""

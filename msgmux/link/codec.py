@@ -36,6 +36,7 @@ __all__ = [
     "NotificationAddress",
     "Reject",
     "ReplyAddress",
+    "CanaryAddress",
     "RpcAddress",
     "Welcome",
     "decode_frame",
@@ -58,7 +59,7 @@ _LENGTH = struct.Struct(">I")
 HELLO, WELCOME, MSG, ACK, REJECT, CREDIT, HEARTBEAT, CLOSE = range(8)
 
 # Message kinds (third MSG element).
-KIND_RPC, KIND_NOTIFICATION, KIND_REPLY = range(3)
+KIND_RPC, KIND_NOTIFICATION, KIND_REPLY, KIND_CANARY = range(4)
 
 #: The AMQP basic properties a message may carry, with their Python types.
 PROPERTY_TYPES: Mapping[str, type | tuple[type, ...]] = {
@@ -147,7 +148,15 @@ class ReplyAddress:
     queue: str | None = None
 
 
-Address = Union[RpcAddress, NotificationAddress, ReplyAddress]
+@attrs.frozen
+class CanaryAddress:
+    """
+    msgmux's own probe message: it travels control broker, link, tenant
+    broker, link and ends at the control half, proving messages move.
+    """
+
+
+Address = Union[RpcAddress, NotificationAddress, ReplyAddress, CanaryAddress]
 
 
 @attrs.frozen
@@ -218,6 +227,8 @@ def _address_array(address: Address) -> tuple[int, list[Any]]:
         return KIND_RPC, [address.exchange, address.topic, address.server, address.fanout]
     if isinstance(address, NotificationAddress):
         return KIND_NOTIFICATION, [address.exchange, address.topic, address.priority]
+    if isinstance(address, CanaryAddress):
+        return KIND_CANARY, []
     return KIND_REPLY, [address.queue]
 
 
@@ -367,6 +378,8 @@ def _decode_address(kind: object, address: list[Any]) -> Address:
         exchange, topic, priority = address
         _expect(_optional_str(exchange) and _is_str(topic) and _is_str(priority), "bad notification address")
         return NotificationAddress(exchange, topic, priority)
+    if kind == KIND_CANARY and not address:
+        return CanaryAddress()
     if kind == KIND_REPLY and len(address) == 1:
         _expect(_optional_str(address[0]), "bad reply address")
         return ReplyAddress(address[0])

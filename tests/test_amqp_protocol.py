@@ -1,0 +1,201 @@
+"""
+Tests for the hot path of L{msgmux.amqp.protocol.BrokerProtocol}: frames
+split anywhere, deliveries assembled from several body frames, a malformed
+content header costing one message and not the connection, publisher
+confirms, returns, the capability-advertising start-ok, heartbeats.
+The broker side is played with hand-encoded frames over C{StringTransport}.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from msgmux.amqp import wire
+from msgmux.amqp.channel import Channel, ChannelLost, PublishRefused
+from msgmux.amqp.protocol import BrokerDelegate, BrokerProtocol
+
+
+class FakeTxChannel:
+    """Stands in for txAMQP's channel object (only its id is used here)."""
+
+    def __init__(self, number: int) -> None:
+        self.id = number
+
+
+def make_protocol(clock: Clock | None = None, heartbeat: int = 0) -> tuple[BrokerProtocol, StringTransport, Channel]:
+    protocol = BrokerProtocol(BrokerDelegate(), "/", heartbeat, clock or Clock(), "user", "secret", "msgmux test")
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    transport.clear()  # the protocol header
+    protocol.MAX_LENGTH = 131072
+    channel = Channel(protocol, FakeTxChannel(1))
+    protocol.fast_channels[1] = channel
+    return protocol, transport, channel
+
+
+def deliver_frames(tag: int, properties: dict[str, Any], body: bytes, frame_max: int = 131072) -> bytes:
+    method = (
+        struct.pack(">HH", 60, 60)
+        + wire._shortstr("ctag")
+        + struct.pack(">QB", tag, 0)
+        + wire._shortstr("openstack")
+        + wire._shortstr("l3_agent")
+    )
+    header = struct.pack(">HHQ", 60, 0, len(body)) + wire.encode_properties(properties)
+    data = wire.frame(wire.FRAME_METHOD, 1, method) + wire.frame(wire.FRAME_HEADER, 1, header)
+    for start in range(0, len(body), frame_max - 8):
+        data += wire.frame(wire.FRAME_BODY, 1, body[start : start + frame_max - 8])
+    return data
+
+
+class DeliveryTests(SynchronousTestCase):
+    @given(st.binary(max_size=3000), st.lists(st.integers(min_value=0, max_value=6000), max_size=8))
+    def test_split_anywhere(self, body: bytes, cuts: list[int]) -> None:
+        """A delivery arrives intact however the TCP stream is cut, across several body frames."""
+        protocol, transport, channel = make_protocol()
+        got: list[Any] = []
+        channel._consumers["ctag"] = got.append
+        data = deliver_frames(7, {"content_type": "application/json", "headers": {"x": [1, "é"]}}, body, frame_max=512)
+        data += deliver_frames(8, {}, b"second", frame_max=512)
+        points = sorted({min(c, len(data)) for c in cuts})
+        for start, end in zip([0] + points, points + [len(data)]):
+            protocol.dataReceived(data[start:end])
+        self.assertEqual([d.delivery_tag for d in got], [7, 8])
+        self.assertEqual(got[0].body, body)
+        self.assertEqual(got[0].properties, {"content_type": "application/json", "headers": {"x": [1, "é"]}})
+        self.assertEqual((got[0].exchange, got[0].routing_key, got[0].error), ("openstack", "l3_agent", None))
+        self.assertFalse(transport.disconnecting)
+
+    def test_malformed_header_costs_one_message(self) -> None:
+        """A content header that cannot be decoded marks that delivery as malformed; the connection lives on."""
+        protocol, transport, channel = make_protocol()
+        got: list[Any] = []
+        channel._consumers["ctag"] = got.append
+        good = deliver_frames(1, {"content_type": "text/plain"}, b"ok")
+        bad = bytearray(deliver_frames(2, {"content_type": "text/plain"}, b"bad"))
+        index = bad.index(b"text/plain")
+        bad[index] = 0xFF  # invalid UTF-8 in a short string
+        protocol.dataReceived(good + bytes(bad) + good)
+        self.assertEqual([(d.delivery_tag, d.error is None) for d in got], [(1, True), (2, False), (1, True)])
+        self.assertEqual(got[1].body, b"bad")
+        self.assertFalse(transport.disconnecting)
+
+    def test_consumer_failure_requeues(self) -> None:
+        """A consumer callback that raises gets its delivery rejected with requeue, not lost."""
+        protocol, transport, channel = make_protocol()
+
+        def broken(delivery: Any) -> None:
+            raise RuntimeError("bug")
+
+        channel._consumers["ctag"] = broken
+        protocol.dataReceived(deliver_frames(5, {}, b"x"))
+        self.assertEqual(transport.value(), wire.encode_reject(1, 5, requeue=True))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_bad_frame_end_aborts(self) -> None:
+        """A frame without the frame-end octet is a broken connection: abort it."""
+        protocol, transport, channel = make_protocol()
+        frame = bytearray(wire.encode_ack(1, 1))
+        frame[-1] = 0
+        protocol.dataReceived(bytes(frame))
+        self.assertTrue(transport.disconnecting)
+
+
+class ConfirmTests(SynchronousTestCase):
+    def test_publish_confirms(self) -> None:
+        """Publishes get sequential tags; single, multiple and negative confirms resolve the right Deferreds."""
+        protocol, transport, channel = make_protocol()
+        channel._confirming = True
+        results: list[Any] = []
+        for index in range(4):
+            channel.publish("openstack", "t", {}, b"%d" % index).addBoth(results.append)
+        protocol.dataReceived(wire.frame(wire.FRAME_METHOD, 1, struct.pack(">HHQB", 60, 80, 2, 1)))
+        self.assertEqual(results, [None, None])
+        protocol.dataReceived(wire.frame(wire.FRAME_METHOD, 1, struct.pack(">HHQB", 60, 120, 4, 0)))
+        self.assertEqual(len(results), 3)
+        self.assertTrue(results[2].check(PublishRefused))
+        protocol.dataReceived(wire.frame(wire.FRAME_METHOD, 1, struct.pack(">HHQB", 60, 80, 3, 0)))
+        self.assertEqual(results[3], None)
+        self.assertEqual(channel.unconfirmed, 0)
+
+    def test_channel_loss_fails_pending(self) -> None:
+        """Unconfirmed publishes fail with ChannelLost when the connection goes."""
+        protocol, transport, channel = make_protocol()
+        channel._confirming = True
+        failures: list[Any] = []
+        channel.publish("x", "y", {}, b"").addErrback(failures.append)
+        protocol.connectionLost(__import__("twisted.python.failure", fromlist=["Failure"]).Failure(ConnectionError("gone")))
+        self.assertTrue(failures[0].check(ChannelLost))
+        self.assertFalse(channel.is_open)
+
+    def test_publish_frames(self) -> None:
+        """A publish writes method, header and body frames for the channel, split at frame_max."""
+        protocol, transport, channel = make_protocol()
+        protocol.MAX_LENGTH = 1024
+        channel.publish("ex", "key", {"delivery_mode": 2}, b"a" * 2500, mandatory=True)
+        data = transport.value()
+        types = []
+        offset = 0
+        while offset < len(data):
+            kind, number, size = wire.FRAME_HEAD.unpack_from(data, offset)
+            types.append((kind, number, size))
+            offset += 8 + size
+        self.assertEqual([t[0] for t in types], [1, 2, 3, 3, 3])
+        self.assertEqual(sum(t[2] for t in types[2:]), 2500)
+        self.assertTrue(all(t[2] <= 1016 for t in types[2:]))
+
+    def test_return(self) -> None:
+        """A returned message reaches the channel's return observers with its content."""
+        protocol, transport, channel = make_protocol()
+        returned: list[Any] = []
+        channel.return_observers.append(lambda *args: returned.append(args))
+        method = struct.pack(">HHH", 60, 50, 312) + wire._shortstr("NO_ROUTE") + wire._shortstr("") + wire._shortstr("reply_x")
+        header = struct.pack(">HHQ", 60, 0, 2) + wire.encode_properties({})
+        protocol.dataReceived(
+            wire.frame(1, 1, method) + wire.frame(2, 1, header) + wire.frame(3, 1, b"hi")
+        )
+        self.assertEqual(returned, [(312, "NO_ROUTE", "", "reply_x", {}, b"hi")])
+
+
+class HandshakeTests(SynchronousTestCase):
+    def test_protocol_header(self) -> None:
+        """The client announces AMQP 0-9-1."""
+        protocol = BrokerProtocol(BrokerDelegate(), "/", 0, Clock(), "user", "secret", "msgmux test")
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.assertEqual(transport.value(), b"AMQP\x00\x00\x09\x01")
+
+    def test_start_ok_advertises_capabilities(self) -> None:
+        """connection.start is answered with PLAIN credentials and the capabilities msgmux relies on."""
+        protocol, transport, channel = make_protocol()
+        server = wire.encode_table({"product": "RabbitMQ", "version": "3.10.8", "capabilities": {"publisher_confirms": True}})
+        start = struct.pack(">HHBB", 10, 10, 0, 9) + server + struct.pack(">I", 5) + b"PLAIN" + struct.pack(">I", 5) + b"en_US"
+        protocol.dataReceived(wire.frame(1, 0, start))
+        self.assertEqual(protocol.server_properties["version"], "3.10.8")
+        kind, number, size = wire.FRAME_HEAD.unpack_from(transport.value(), 0)
+        payload = transport.value()[7 : 7 + size]
+        self.assertEqual(struct.unpack_from(">HH", payload), (10, 11))
+        properties, offset = wire.decode_table(payload, 4)
+        self.assertEqual(properties["capabilities"]["consumer_cancel_notify"], True)
+        self.assertEqual(properties["capabilities"]["connection.blocked"], True)
+        self.assertEqual(properties["connection_name"], "msgmux test")
+        self.assertIn(b"\x00user\x00secret", payload)
+
+    def test_silent_broker_is_aborted(self) -> None:
+        """With heartbeats on, a broker that sends nothing for three intervals is dropped; traffic keeps it alive."""
+        clock = Clock()
+        protocol, transport, channel = make_protocol(clock, heartbeat=10)
+        protocol.started.fire()
+        for _ in range(5):
+            clock.advance(10)
+            protocol.dataReceived(wire.frame(wire.FRAME_HEARTBEAT, 0, b""))
+        self.assertFalse(transport.disconnecting)
+        clock.advance(31)
+        self.assertTrue(transport.disconnecting)
