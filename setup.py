@@ -18,11 +18,14 @@ setup(
         "txAMQP>=0.8.2,<0.9",
         "attrs>=23.1",
         "cbor2>=5.6",
+        # The Prometheus exposition format and process metrics, from the
+        # project that defines them, rather than a hand-written encoder.
+        "prometheus_client>=0.17",
     ],
     extras_require={
         "test": ["hypothesis>=6.100", "oslo.messaging>=14"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": ["msgmux = msgmux.cli:main"]},
     classifiers=[
         "Framework :: Twisted",
         "Programming Language :: Python :: 3",

@@ -51,8 +51,10 @@ class HalfProcess(ProcessProtocol):
         return not self.ended.called
 
     def signal(self, name: str | int) -> None:
+        """Send a signal by number or name (C{"HUP"}, C{"STOP"}...)."""
         if self.running:
-            self.transport.signalProcess(name)
+            number = getattr(signal, f"SIG{name}") if isinstance(name, str) else name
+            self.transport.signalProcess(number)
 
     def stop(self) -> defer.Deferred[int | None]:
         """SIGTERM (a clean twistd shutdown) and wait for the exit."""
@@ -152,12 +154,20 @@ class Lab:
 
     # --- processes ----------------------------------------------------------
 
-    def spawn_half(self, config_path: str, label: str, in_tenant_network: bool) -> HalfProcess:
-        """Run C{twistd -n msgmux --config} on the host or inside the namespace."""
+    def spawn_half(
+        self, config_path: str, label: str, in_tenant_network: bool, logger: str | None = None
+    ) -> HalfProcess:
+        """
+        Run C{twistd -n msgmux --config} on the host or inside the namespace.
+
+        @param logger: a C{twistd --logger} observer factory; its output
+            then goes to the process's stdout (L{HalfProcess.output}).
+        """
         log_path = self.path("logs", f"{label}.log")
         if os.path.exists(log_path):
             os.remove(log_path)
-        argv = [TWISTD, "-n", "--pidfile=", f"--logfile={log_path}", "msgmux", "--config", config_path]
+        logging = [f"--logger={logger}"] if logger else [f"--logfile={log_path}"]
+        argv = [TWISTD, "-n", "--pidfile="] + logging + ["msgmux", "--config", config_path]
         return self.spawn(argv, label, in_tenant_network, log_path)
 
     def spawn(self, argv: list[str], label: str, in_tenant_network: bool = False, log_path: str | None = None) -> HalfProcess:
@@ -205,7 +215,10 @@ class Lab:
         waited = 0.0
         while process.log().count(text) < count:
             if not process.running:
-                raise AssertionError(f"{process.label} exited ({process.exit_code}) before logging {text!r}:\n{process.log()[-3000:]}")
+                raise AssertionError(
+                    f"{process.label} exited ({process.exit_code}) before logging {text!r}:\n"
+                    f"{process.output.decode(errors='replace')[-2000:]}{process.log()[-3000:]}"
+                )
             if waited > timeout:
                 raise AssertionError(f"{process.label} did not log {text!r} within {timeout}s:\n{process.log()[-3000:]}")
             await task.deferLater(self.reactor, 0.1, lambda: None)

@@ -231,6 +231,7 @@ class TenantConfig:
     socket: str
     link: str | None = None
     link_window: int = 256
+    metrics: str | None = None
 
 
 @attrs.frozen
@@ -304,7 +305,7 @@ def _control(section: Section) -> ControlConfig:
             raise section.error("reply_key_file", f"{key_path} must hold at least 16 bytes of secret")
     heartbeat = section.get("link_heartbeat", float, 5.0, _positive)
     window = section.get("link_window", int, 256, lambda v: None if 1 <= v <= 65535 else "must be 1-65535")
-    metrics = section.get("metrics", str, None)
+    metrics = section.get("metrics", str, None, _endpoint_problem)
     canary_interval = section.get("canary_interval", float, 10.0, lambda v: None if v >= 0.1 else "must be at least 0.1 seconds")
     default_limits = _limits(section.table("limits"), Limits())
     links = tuple(_link(link, default_limits, broker.exchange) for link in section.tables("links"))
@@ -337,8 +338,16 @@ def _tenant(section: Section) -> TenantConfig:
     socket = section.get("socket", str, check=_socket_problem)
     link = section.get("link", str, None, lambda v: None if _LINK_NAME.match(v) else "is not a valid link name")
     window = section.get("link_window", int, 256, lambda v: None if 1 <= v <= 65535 else "must be 1-65535")
+    metrics = section.get("metrics", str, None, _endpoint_problem)
     section.finish()
-    return TenantConfig(broker=broker, socket=socket, link=link, link_window=window)
+    return TenantConfig(broker=broker, socket=socket, link=link, link_window=window, metrics=metrics)
+
+
+def _endpoint_problem(value: str) -> str | None:
+    kind = value.split(":", 1)[0]
+    if kind not in ("tcp", "tcp6", "unix"):
+        return "must be a Twisted endpoint like \"tcp:9464:interface=127.0.0.1\" or \"unix:/run/msgmux/metrics.sock\""
+    return None
 
 
 def _socket_problem(value: str) -> str | None:

@@ -101,6 +101,23 @@ class ControlLink:
         self.last_canary: float | None = None
         self.stats.gauges["link_up"] = 0
 
+    def status(self) -> dict[str, Any]:
+        """The link now, for C{/status} and C{msgmux status}."""
+        relay = self.relay if self.relay is not None and self.relay.active else None
+        return {
+            "link": self.config.name,
+            "socket": self.config.socket,
+            "up": relay is not None,
+            "healthy": self.healthy(),
+            "session": relay.link.session if relay is not None else None,
+            "peer": getattr(relay.link, "peer", None) if relay is not None else None,
+            "last_canary_age": None if self.last_canary is None else round(self.clock.seconds() - self.last_canary, 3),
+            "canary_round_trip": self.stats.gauges.get("canary_round_trip_seconds"),
+            "inflight_calls": {"down": self.calls.inflight("down"), "up": self.calls.inflight("up")},
+            "relayed": {d: self.stats.relayed(d) for d in ("down", "up")},
+            "rejected": {"down": self.stats.get("rejected", direction="down"), "up": self.stats.get("rejected", direction="up")},
+        }
+
     def healthy(self) -> bool:
         """
         Messages are moving: a canary went round both brokers within the
@@ -110,6 +127,19 @@ class ControlLink:
         if self.last_canary is None:
             return False
         return self.clock.seconds() - self.last_canary <= 3 * self.control.canary_interval
+
+    def reconfigure(self, config: LinkConfig, control: ControlConfig) -> None:
+        """
+        Take new routes and limits (SIGHUP).  A session in progress is
+        closed so that the tenant half reconnects and learns the new routes;
+        counters and calls in flight are kept.
+        """
+        self.config = config
+        self.control = control
+        self.routes = LinkRoutes.from_link(config)
+        self.bucket = TokenBucket(config.limits.max_rate, config.limits.burst, self.clock)
+        if self.relay is not None and self.relay.active:
+            self.relay.link.close("reconfigured", "the control half reloaded its configuration; reconnect")
 
     @property
     def max_frame(self) -> int:

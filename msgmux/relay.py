@@ -37,7 +37,7 @@ from msgmux.amqp import wire
 from msgmux.amqp.broker import BrokerService
 from msgmux.amqp.channel import Channel, ChannelLost, Delivery
 from msgmux.amqp.protocol import BrokerProtocol
-from msgmux.link.codec import Message
+from msgmux.link.codec import Address, CanaryAddress, Message, NotificationAddress, RpcAddress
 from msgmux.link.protocol import LinkProtocol, MessageTooLarge
 from msgmux.oslo.topology import ExchangeSpec, QueueSpec
 from msgmux.routing import Destination, Source
@@ -74,12 +74,24 @@ class Publication:
     deadline: float | None = None
 
 
-class _Inbound:
-    __slots__ = ("seq", "publication")
+def kind_of(address: Address) -> str:
+    """The C{kind} label of a message's counters."""
+    if isinstance(address, RpcAddress):
+        return "rpc"
+    if isinstance(address, NotificationAddress):
+        return "notification"
+    if isinstance(address, CanaryAddress):
+        return "canary"
+    return "reply"
 
-    def __init__(self, seq: int, publication: Publication) -> None:
+
+class _Inbound:
+    __slots__ = ("seq", "publication", "kind")
+
+    def __init__(self, seq: int, publication: Publication, kind: str) -> None:
         self.seq = seq
         self.publication = publication
+        self.kind = kind
 
 
 class Relay:
@@ -311,7 +323,7 @@ class Relay:
             self.stats.count("expired", direction=self.direction_out)
             return
         try:
-            self.link.send_message(message, delivery)
+            self.link.send_message(message, (delivery, kind_of(message.address)))
         except MessageTooLarge as e:
             delivery.reject(requeue=False)
             self.stats.reject(self.direction_out, "too-large", str(e))
@@ -323,12 +335,15 @@ class Relay:
             if delivery.channel.is_open:
                 self._send(message, delivery)
 
-    def messages_acknowledged(self, deliveries: list[Delivery]) -> None:
-        for delivery in deliveries:
+    def messages_acknowledged(self, tokens: list[tuple[Delivery, str]]) -> None:
+        count = self.stats.count
+        direction = self.direction_out
+        for delivery, kind in tokens:
             delivery.ack()
-        self.stats.count("relayed", len(deliveries), direction=self.direction_out)
+            count("relayed", direction=direction, kind=kind)
 
-    def message_refused(self, delivery: Delivery, reason: str) -> None:
+    def message_refused(self, token: tuple[Delivery, str], reason: str) -> None:
+        delivery = token[0]
         delivery.reject(requeue=False)
         self.stats.count("refused_by_peer", direction=self.direction_out, reason=reason[:40])
 
@@ -345,7 +360,7 @@ class Relay:
         if publication is None:
             self._settled(message.seq)
             return
-        entry = _Inbound(message.seq, publication)
+        entry = _Inbound(message.seq, publication, kind_of(message.address))
         if self.channel is None:
             self._unpublished.append(entry)
         else:
@@ -379,7 +394,7 @@ class Relay:
 
     def _confirmed(self, _: None, entry: _Inbound, channel: Channel) -> None:
         if self._unconfirmed.pop(entry.seq, None) is not None:
-            self.stats.count("relayed", direction=self.direction_in)
+            self.stats.count("relayed", direction=self.direction_in, kind=entry.kind)
             self._settled(entry.seq)
 
     def _settled(self, seq: int) -> None:

@@ -14,17 +14,20 @@ sessions, and only then close the broker connections.
 from __future__ import annotations
 
 import os
+import signal
 from typing import Any
 
+import attrs
 from twisted.application.internet import ClientService, StreamServerEndpointService, backoffPolicy
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.endpoints import UNIXClientEndpoint, UNIXServerEndpoint
+from twisted.internet.endpoints import UNIXClientEndpoint, UNIXServerEndpoint, serverFromString
 from twisted.logger import Logger
 
 from msgmux.amqp.broker import BrokerService
-from msgmux.config import Config, ControlConfig, TenantConfig
+from msgmux.config import Config, ConfigError, ControlConfig, LinkConfig, TenantConfig, load
 from msgmux.control import ControlLink, ControlLinkFactory
+from msgmux.metrics import MetricsSite, MsgmuxCollector
 from msgmux.oslo.tokens import TokenSigner
 from msgmux.tenant import TenantLink, TenantLinkFactory
 
@@ -50,35 +53,78 @@ class ControlHalf:
             self._log.info(
                 "No reply_key_file: calls in flight when this control half restarts will time out"
             )
-        self.links = {link.name: ControlLink(link, config, self.broker, self.signer, reactor) for link in config.links}
-        self.listeners = []
+        self.reactor = reactor
+        self.links: dict[str, ControlLink] = {}
+        self.listeners: dict[str, StreamServerEndpointService] = {}
         for link in config.links:
-            endpoint = UNIXServerEndpoint(reactor, link.socket, mode=link.socket_mode, wantPID=True)
-            listener = StreamServerEndpointService(endpoint, ControlLinkFactory(self.links[link.name]))
-            # Make startService raise when the socket cannot be bound, so
-            # twistd fails at startup rather than running without the link.
-            listener._raiseSynchronously = True
-            self.listeners.append(listener)
+            self._add(link)
+
+    def _add(self, link: LinkConfig) -> None:
+        self.links[link.name] = ControlLink(link, self.config, self.broker, self.signer, self.reactor)
+        endpoint = UNIXServerEndpoint(self.reactor, link.socket, mode=link.socket_mode, wantPID=True)
+        listener = StreamServerEndpointService(endpoint, ControlLinkFactory(self.links[link.name]))
+        # Make startService raise when the socket cannot be bound, so twistd
+        # fails at startup rather than running without the link.
+        listener._raiseSynchronously = True
+        self.listeners[link.name] = listener
+
+    def _listen(self, link: LinkConfig) -> None:
+        directory = os.path.dirname(link.socket)
+        if directory and not os.path.isdir(directory):
+            os.makedirs(directory, mode=0o750, exist_ok=True)
+        # Bind with a restrictive umask: Twisted chmods the socket only after
+        # binding it.
+        previous = os.umask(0o177)
+        try:
+            self.listeners[link.name].startService()
+        finally:
+            os.umask(previous)
+        self._log.info("Link {link}: listening on {socket} (mode {mode:o})", link=link.name, socket=link.socket, mode=link.socket_mode)
 
     def start(self) -> None:
         self.broker.startService()
-        for link, listener in zip(self.config.links, self.listeners):
-            directory = os.path.dirname(link.socket)
-            if directory and not os.path.isdir(directory):
-                os.makedirs(directory, mode=0o750, exist_ok=True)
-            # Bind with a restrictive umask: Twisted chmods the socket only
-            # after binding it.
-            previous = os.umask(0o177)
-            try:
-                listener.startService()
-            finally:
-                os.umask(previous)
-            self._log.info(
-                "Link {link}: listening on {socket} (mode {mode:o})", link=link.name, socket=link.socket, mode=link.socket_mode
-            )
+        for link in self.config.links:
+            self._listen(link)
+
+    async def _remove(self, name: str) -> None:
+        listener = self.listeners.pop(name)
+        await listener.stopService()
+        link = self.links.pop(name)
+        if link.relay is not None and link.relay.active:
+            await link.relay.drain(DRAIN_TIMEOUT)
+        link.calls.cancel_all()
+        self._log.info("Link {link}: removed", link=name)
+
+    async def reload(self, config: ControlConfig) -> None:
+        """
+        Apply a new configuration's links: new links start listening, removed
+        ones stop, changed ones get their new routes and limits (their
+        tenant half reconnects); untouched links are not disturbed.  Broker
+        and key changes need a restart.
+        """
+        if config.broker != self.config.broker or config.reply_key != self.config.reply_key:
+            self._log.warn("Reload: control broker or reply key changes take effect only after a restart")
+        old = {link.name: link for link in self.config.links}
+        new = {link.name: link for link in config.links}
+        for name in old.keys() - new.keys():
+            await self._remove(name)
+        for name in old.keys() & new.keys():
+            if old[name].socket != new[name].socket or old[name].socket_mode != new[name].socket_mode:
+                await self._remove(name)
+        self.config = attrs.evolve(config, broker=self.config.broker, reply_key=self.config.reply_key)
+        for name, link in new.items():
+            if name in self.links:
+                if old[name] != link:
+                    self.links[name].reconfigure(link, self.config)
+                    self._log.info("Link {link}: reconfigured", link=name)
+                else:
+                    self.links[name].control = self.config
+            else:
+                self._add(link)
+                self._listen(link)
 
     async def stop(self) -> None:
-        for listener in self.listeners:
+        for listener in self.listeners.values():
             await listener.stopService()
         drains = [
             defer.Deferred.fromCoroutine(link.relay.drain(DRAIN_TIMEOUT))
@@ -125,26 +171,73 @@ class MsgmuxService(Service):
 
     name = "msgmux"
     _log = Logger()
+    _previous_hup: Any = None
 
     def __init__(self, config: Config, reactor: Any) -> None:
         self.config = config
         self.reactor = reactor
         self.control = ControlHalf(config.control, reactor) if config.control else None
         self.tenant = TenantHalf(config.tenant, reactor) if config.tenant else None
+        self.collector = MsgmuxCollector(self._monitored(), self._brokers())
+        self.metrics: StreamServerEndpointService | None = None
+        address = (config.control.metrics if config.control else None) or (config.tenant.metrics if config.tenant else None)
+        if address:
+            self.metrics = StreamServerEndpointService(serverFromString(reactor, address), MetricsSite(self.collector))
+            self.metrics._raiseSynchronously = True
+
+    def _monitored(self) -> list[tuple[str, Any]]:
+        links: list[tuple[str, Any]] = []
+        if self.control is not None:
+            links += [("control", link) for link in self.control.links.values()]
+        if self.tenant is not None:
+            links.append(("tenant", self.tenant.link))
+        return links
+
+    def _brokers(self) -> list[BrokerService]:
+        return [half.broker for half in (self.control, self.tenant) if half is not None]
 
     def startService(self) -> None:
         super().startService()
         self._log.info("msgmux starting from {path}", path=self.config.path)
+        self._previous_hup = signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
         if self.control is not None:
             self.control.start()
         if self.tenant is not None:
             self.tenant.start()
+        if self.metrics is not None:
+            self.metrics.startService()
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
+        if self._previous_hup is not None:
+            signal.signal(signal.SIGHUP, self._previous_hup)
         return defer.Deferred.fromCoroutine(self._stop())
 
+    def reload(self) -> defer.Deferred[None]:
+        """Re-read the configuration file (SIGHUP) and apply link changes."""
+        return defer.Deferred.fromCoroutine(self._reload()).addErrback(
+            lambda failure: self._log.failure("Reload failed", failure)
+        )
+
+    async def _reload(self) -> None:
+        try:
+            config = load(self.config.path)
+        except ConfigError as e:
+            self._log.error("Reload refused, keeping the running configuration: {error}", error=str(e))
+            return
+        if config.tenant != self.config.tenant:
+            self._log.warn("Reload: tenant half changes take effect only after a restart")
+        if self.control is not None and config.control is not None:
+            await self.control.reload(config.control)
+            self.collector.links = self._monitored()
+        elif (self.control is None) != (config.control is None):
+            self._log.warn("Reload: adding or removing a half takes effect only after a restart")
+        self.config = attrs.evolve(config, tenant=self.config.tenant)
+        self._log.info("Reloaded {path}", path=self.config.path)
+
     async def _stop(self) -> None:
+        if self.metrics is not None:
+            await self.metrics.stopService()
         if self.tenant is not None:
             await self.tenant.stop()
         if self.control is not None:

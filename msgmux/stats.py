@@ -53,6 +53,10 @@ class LinkStats:
         wanted = set(labels.items())
         return sum(v for (n, pairs), v in self.counts.items() if n == name and wanted <= set(pairs))
 
+    def relayed(self, direction: str) -> int:
+        """@return: messages relayed in C{direction}, not counting msgmux's own canaries."""
+        return self.get("relayed", direction=direction) - self.get("relayed", direction=direction, kind="canary")
+
     def reject(self, direction: str, reason: str, detail: str, **fields: Any) -> None:
         """
         Count a rejected message and log it (rate-limited).

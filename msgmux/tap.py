@@ -36,8 +36,30 @@ class Options(usage.Options):
             raise usage.UsageError("--config FILE is required")
         try:
             self.config = load(path)
+            check_endpoints(self.config)
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
+
+
+def check_endpoints(config: Config) -> None:
+    """
+    Parse the endpoint descriptions (only parse: a memory reactor binds
+    nothing), so that a bad one is a config error naming its key instead of
+    a traceback at startup.
+
+    @raise ConfigError: naming the file and the key.
+    """
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.testing import MemoryReactor
+
+    for section, half in (("control", config.control), ("tenant", config.tenant)):
+        address = getattr(half, "metrics", None)
+        if address is None:
+            continue
+        try:
+            serverFromString(MemoryReactor(), address)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ConfigError(config.path, f"{section}.metrics", f"is not a valid endpoint ({e})") from None
 
 
 def makeService(options: Options, reactor: Any = None) -> MsgmuxService:

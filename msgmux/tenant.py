@@ -48,6 +48,18 @@ class TenantLink:
         self.relay: TenantRelay | None = None
         self.routes: LinkRoutes | None = None
 
+    def status(self) -> dict[str, Any]:
+        """The link seen from the tenant half, for C{/status}."""
+        relay = self.relay if self.relay is not None and self.relay.active else None
+        return {
+            "link": self.stats.link,
+            "socket": self.config.socket,
+            "up": relay is not None,
+            "session": relay.link.session if relay is not None else None,
+            "relayed": {d: self.stats.relayed(d) for d in ("down", "up")},
+            "rejected": {"down": self.stats.get("rejected", direction="down"), "up": self.stats.get("rejected", direction="up")},
+        }
+
     def relay_for(self, protocol: TenantLinkProtocol, welcome: Welcome) -> SessionHandler:
         """
         Build the session's relay from the routes in WELCOME.

@@ -1,0 +1,183 @@
+# -*- test-case-name: tests.test_cli -*-
+"""
+The C{msgmux} command for operators.
+
+ - C{msgmux check-config FILE}: validate a configuration and summarise it
+   (exit status 1 and the file/key of the problem otherwise);
+ - C{msgmux status --config FILE} (or C{--metrics ENDPOINT}): ask a running
+   msgmux for its links, their health, rates and calls in flight.  It reads
+   C{/status} twice, a second apart, to compute rates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, TextIO
+
+from twisted.internet import defer, task
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, UNIXClientEndpoint
+from twisted.web.client import Agent, readBody
+
+from msgmux.config import Config, ConfigError, load
+
+__all__ = ["main"]
+
+
+def describe(config: Config) -> str:
+    """A short human summary of a valid configuration."""
+    lines = []
+    if config.control is not None:
+        control = config.control
+        hosts = ", ".join(f"{h.host}:{h.port}" for h in control.broker.hosts)
+        lines.append(f"control half: broker {hosts} vhost {control.broker.virtual_host!r}, exchange {control.broker.exchange!r}")
+        for link in control.links:
+            lines.append(f"  link {link.name}: socket {link.socket} (mode {link.socket_mode:o})")
+            for rule in link.down:
+                lines.append(f"    down  rpc {rule.topic} servers={list(rule.servers)} fanout={rule.fanout} methods={list(rule.methods)}")
+            for rule in link.up:
+                lines.append(f"    up    rpc {rule.topic} servers={list(rule.servers)} fanout={rule.fanout} methods={list(rule.methods)}")
+            for direction, rules in (("down", link.notifications_down), ("up", link.notifications_up)):
+                for note in rules:
+                    lines.append(f"    {direction:5} notifications {note.topic} priorities={list(note.priorities)}")
+            limits = link.limits
+            lines.append(
+                f"    limits: {limits.max_message_size} bytes, {limits.max_rate:g} msg/s (burst {limits.burst}),"
+                f" {limits.max_inflight_calls} calls in flight"
+            )
+    if config.tenant is not None:
+        tenant = config.tenant
+        hosts = ", ".join(f"{h.host}:{h.port}" for h in tenant.broker.hosts)
+        lines.append(f"tenant half: broker {hosts} vhost {tenant.broker.virtual_host!r}, socket {tenant.socket}")
+    return "\n".join(lines)
+
+
+def check_config(path: str, out: TextIO) -> int:
+    """@return: the exit status."""
+    try:
+        config = load(path)
+    except ConfigError as e:
+        print(f"msgmux: {e}", file=sys.stderr)
+        return 1
+    print(f"{path}: OK", file=out)
+    print(describe(config), file=out)
+    return 0
+
+
+def client_endpoint(reactor: Any, description: str) -> Any:
+    """
+    @param description: the server endpoint msgmux listens on for metrics
+        (C{tcp:9464:interface=127.0.0.1}, C{unix:/run/msgmux/metrics.sock}).
+    @return: a client endpoint reaching it.
+    """
+    kind, _, rest = description.partition(":")
+    fields = rest.split(":")
+    options = dict(field.split("=", 1) for field in fields if "=" in field)
+    positional = [field for field in fields if "=" not in field]
+    if kind == "unix":
+        return UNIXClientEndpoint(reactor, options.get("address") or options.get("path") or positional[0])
+    port = int(options.get("port") or positional[0])
+    if kind == "tcp6":
+        return TCP6ClientEndpoint(reactor, options.get("interface", "::1"), port)
+    return TCP4ClientEndpoint(reactor, options.get("interface", "127.0.0.1"), port)
+
+
+class _EndpointFactory:
+    def __init__(self, endpoint: Any) -> None:
+        self._endpoint = endpoint
+
+    def endpointForURI(self, uri: Any) -> Any:
+        return self._endpoint
+
+
+async def fetch_status(reactor: Any, metrics: str) -> dict[str, Any]:
+    """GET C{/status} from a running msgmux."""
+    agent = Agent.usingEndpointFactory(reactor, _EndpointFactory(client_endpoint(reactor, metrics)))
+    response = await agent.request(b"GET", b"http://msgmux/status")
+    body = await readBody(response)
+    if response.code != 200:
+        raise RuntimeError(f"/status answered {response.code}")
+    return json.loads(body)  # type: ignore[no-any-return]
+
+
+def render_status(first: dict[str, Any], second: dict[str, Any], interval: float) -> str:
+    """A table of links with rates computed from two samples."""
+    before = {(link["half"], link["link"]): link for link in first["links"]}
+    lines = [f"{'half':8} {'link':20} {'up':4} {'healthy':8} {'rtt ms':>7} {'down/s':>8} {'up/s':>8} {'calls':>6} {'rejected':>9}"]
+    for link in second["links"]:
+        old = before.get((link["half"], link["link"]), link)
+        rates = [(link["relayed"][d] - old["relayed"][d]) / interval for d in ("down", "up")]
+        healthy = link.get("healthy")
+        rtt = link.get("canary_round_trip")
+        inflight = link.get("inflight_calls")
+        lines.append(
+            f"{link['half']:8} {link['link']:20} {'yes' if link['up'] else 'no':4}"
+            f" {'-' if healthy is None else ('yes' if healthy else 'NO'):8}"
+            f" {'-' if rtt is None else f'{1000 * rtt:.1f}':>7} {rates[0]:>8.1f} {rates[1]:>8.1f}"
+            f" {'-' if inflight is None else inflight['down'] + inflight['up']:>6}"
+            f" {link['rejected']['down'] + link['rejected']['up']:>9}"
+        )
+    for broker in second["brokers"]:
+        state = "connected to " + broker["address"] if broker["connected"] else "DISCONNECTED"
+        if broker.get("blocked"):
+            state += f" (blocked: {broker['blocked']})"
+        lines.append(f"broker {broker['name']}: {state}")
+    return "\n".join(lines)
+
+
+async def status(reactor: Any, arguments: argparse.Namespace) -> int:
+    metrics = arguments.metrics
+    if metrics is None:
+        try:
+            config = load(arguments.config)
+        except ConfigError as e:
+            print(f"msgmux: {e}", file=sys.stderr)
+            return 1
+        metrics = (config.control.metrics if config.control else None) or (config.tenant.metrics if config.tenant else None)
+        if metrics is None:
+            print(f"msgmux: {arguments.config} has no metrics endpoint, so there is no status to ask for", file=sys.stderr)
+            return 1
+    try:
+        first = await fetch_status(reactor, metrics)
+        await task.deferLater(reactor, arguments.interval, lambda: None)
+        second = await fetch_status(reactor, metrics)
+    except Exception as e:
+        print(f"msgmux: cannot reach msgmux at {metrics}: {e}", file=sys.stderr)
+        return 1
+    if arguments.json:
+        print(json.dumps(second, indent=2))
+    else:
+        print(render_status(first, second, arguments.interval))
+    unhealthy = [link for link in second["links"] if link.get("healthy") is False]
+    return 2 if unhealthy else 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="msgmux", description="Operate msgmux, the oslo.messaging proxy.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    check = commands.add_parser("check-config", help="validate a configuration file")
+    check.add_argument("file")
+    state = commands.add_parser("status", help="links, health, rates and calls in flight of a running msgmux")
+    where = state.add_mutually_exclusive_group(required=True)
+    where.add_argument("--config", help="the running msgmux's configuration (its metrics endpoint is used)")
+    where.add_argument("--metrics", help="the metrics endpoint, e.g. tcp:9464:interface=127.0.0.1")
+    state.add_argument("--interval", type=float, default=1.0, help="seconds between the two samples (rates)")
+    state.add_argument("--json", action="store_true", help="print the raw status document")
+    arguments = parser.parse_args(argv)
+    if arguments.command == "check-config":
+        sys.exit(check_config(arguments.file, sys.stdout))
+
+    def run(reactor: Any) -> defer.Deferred[None]:
+        async def go() -> None:
+            code = await status(reactor, arguments)
+            if code:
+                raise SystemExit(code)
+
+        return defer.Deferred.fromCoroutine(go())
+
+    task.react(run)
+
+
+if __name__ == "__main__":
+    main()
