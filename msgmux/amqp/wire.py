@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import datetime
 import decimal
+import functools
 import struct
-from typing import Any
+from typing import Any, Callable, TypeVar
+
+T = TypeVar("T")
 
 __all__ = [
     "FRAME_BODY",
@@ -228,7 +231,7 @@ def _encode_value(value: Any, out: list[bytes], depth: int) -> None:
     elif kind is dict:
         out.append(b"F" + _encode_table(value, depth + 1))
     elif kind is list or kind is tuple:
-        if depth > 32:
+        if depth + 1 > 32:
             raise WireError("field arrays nested too deeply")
         items: list[bytes] = []
         for item in value:
@@ -329,8 +332,6 @@ def decode_properties(data: bytes, offset: int) -> dict[str, Any]:
             raise WireError("content header has continued property flags, which basic does not use")
         offset += 2
         properties: dict[str, Any] = {}
-        if not flags:
-            return properties
         for name, bit, kind in _PROPERTIES:
             if flags & bit:
                 if kind == "s":
@@ -364,12 +365,16 @@ def encode_properties(properties: dict[str, Any]) -> bytes:
             continue
         flags |= bit
         if kind == "s":
+            if type(value) is not str:
+                raise WireError(f"{name} must be text")
             out.append(_shortstr(value))
         elif kind == "o":
             if type(value) is not int or not 0 <= value <= 255:
                 raise WireError(f"{name} must be an integer 0-255")
             out.append(_U8.pack(value))
         elif kind == "t":
+            if type(value) is not dict:
+                raise WireError(f"{name} must be a table")
             out.append(_encode_table(value))
         else:
             if type(value) is not int or not 0 <= value < (1 << 64):
@@ -418,7 +423,9 @@ def encode_publish(
     )
     header = _CONTENT_HEAD.pack(BASIC, 0, len(body)) + encode_properties(properties)
     parts = [frame(FRAME_METHOD, channel, method), frame(FRAME_HEADER, channel, header)]
-    chunk = frame_max - 8
+    # frame_max 0 means "no limit" in connection.tune; below 4096 is not
+    # allowed by the spec, but never let it turn into an empty range.
+    chunk = max(frame_max - 8, 1) if frame_max > 0 else max(len(body), 1)
     if len(body) <= chunk:
         if body:
             parts.append(FRAME_HEAD.pack(FRAME_BODY, channel, len(body)))
@@ -450,6 +457,20 @@ def encode_reject(channel: int, delivery_tag: int, requeue: bool) -> bytes:
     return frame(FRAME_METHOD, channel, _ACK_ARGS.pack(BASIC, BASIC_REJECT, delivery_tag, 1 if requeue else 0))
 
 
+def _whole(decode: Callable[[bytes], T]) -> Callable[[bytes], T]:
+    """Make a truncated payload a L{WireError}, like every other malformation."""
+
+    @functools.wraps(decode)
+    def checked(payload: bytes) -> T:
+        try:
+            return decode(payload)
+        except (struct.error, IndexError):
+            raise WireError(f"truncated {decode.__name__[7:]} payload") from None
+
+    return checked
+
+
+@_whole
 def decode_deliver(payload: bytes) -> tuple[str, int, bool, str, str]:
     """
     @param payload: a basic.deliver method frame payload.
@@ -463,6 +484,7 @@ def decode_deliver(payload: bytes) -> tuple[str, int, bool, str, str]:
     return consumer_tag, delivery_tag, redelivered, exchange, routing_key
 
 
+@_whole
 def decode_return(payload: bytes) -> tuple[int, str, str, str]:
     """
     @param payload: a basic.return method frame payload.
@@ -475,6 +497,7 @@ def decode_return(payload: bytes) -> tuple[int, str, str, str]:
     return code, text, exchange, routing_key
 
 
+@_whole
 def decode_confirm(payload: bytes) -> tuple[int, bool]:
     """
     @param payload: a basic.ack or basic.nack payload sent by the broker.

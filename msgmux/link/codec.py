@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import decimal
 import io
+import math
 import struct
 from collections.abc import Mapping
 from typing import Any, Union
@@ -78,6 +79,10 @@ PROPERTY_TYPES: Mapping[str, type | tuple[type, ...]] = {
     "app_id": str,
     "cluster_id": str,
 }
+
+
+# Integer properties and their AMQP widths (octet, octet, timestamp).
+_PROPERTY_BITS = {"delivery_mode": 8, "priority": 8, "timestamp": 64}
 
 
 class FrameError(Exception):
@@ -323,6 +328,8 @@ def decode_frame(payload: bytes) -> Frame:
         raise FrameError("bytes after the frame's CBOR value")
     if type(array) is not list or not array:
         raise FrameError("frame is not a non-empty CBOR array")
+    if type(array[0]) is not int:
+        raise FrameError(f"frame type {array[0]!r} is not an unsigned integer"[:200])
     try:
         return _DECODERS[array[0]](array)
     except FrameError:
@@ -369,6 +376,7 @@ def _decode_message(array: list[Any]) -> Message:
 
 
 def _decode_address(kind: object, address: list[Any]) -> Address:
+    _expect(type(kind) is int, "MSG kind must be an unsigned integer")
     if kind == KIND_RPC and len(address) == 4:
         exchange, topic, server, fanout = address
         _expect(_optional_str(exchange) and _is_str(topic) and _optional_str(server), "bad RPC address")
@@ -393,6 +401,9 @@ def _decode_properties(properties: object) -> dict[str, Any]:
         expected = PROPERTY_TYPES.get(name)
         _expect(expected is not None, f"unknown message property {name!r}"[:200])
         _expect(type(value) is expected, f"message property {name} has the wrong type")
+        bits = _PROPERTY_BITS.get(name)
+        if bits is not None:
+            _expect(_is_uint(value, bits), f"message property {name} is out of range")
     if "headers" in properties:
         _check_header_table(properties["headers"])
     return properties
@@ -463,14 +474,16 @@ def _decode_welcome(array: list[Any]) -> Welcome:
             version=body["version"],
             link=body["link"],
             session=body["session"],
-            heartbeat=float(body["heartbeat"]),
+            heartbeat=body["heartbeat"],
             max_frame=body["max_frame"],
             routes=body["routes"],
         )
     except (KeyError, TypeError, ValueError):
         raise FrameError("WELCOME lacks a field or has a mistyped one") from None
     _expect(_is_uint(welcome.version, 16) and _is_str(welcome.link) and _is_str(welcome.session), "bad WELCOME")
-    _expect(_is_uint(welcome.max_frame, 32) and welcome.heartbeat > 0, "bad WELCOME limits")
+    _expect(type(welcome.heartbeat) in (int, float), "WELCOME heartbeat must be a number")
+    _expect(_is_uint(welcome.max_frame, 32) and 0 < welcome.heartbeat < math.inf, "bad WELCOME limits")
+    welcome = attrs.evolve(welcome, heartbeat=float(welcome.heartbeat))
     _expect(type(welcome.routes) is dict, "WELCOME routes must be a map")
     return welcome
 
