@@ -81,7 +81,9 @@ class Lab:
     @ivar root: working directory (configs, sockets, logs, broker data).
     """
 
-    def __init__(self, name: str, reactor: Any = None, private_control: bool = False) -> None:
+    def __init__(
+        self, name: str, reactor: Any = None, private_control: bool = False, control_plugins: tuple[str, ...] = ()
+    ) -> None:
         """
         @param private_control: run a private control broker node on the
             host (port 5673) instead of using the machine's RabbitMQ, so that
@@ -101,6 +103,7 @@ class Lab:
             self.control_node = RabbitNode(f"msgmux-{name}-control@localhost", f"{self.root}/control-rabbit", None, 5673)
         else:
             self.control_node = SystemBroker()
+        self.control_plugins = control_plugins
         self.processes: list[Any] = []
 
     # --- blocking set-up (call from a thread under a running reactor) -------
@@ -114,7 +117,7 @@ class Lab:
         started = self.tenant_node.start()
         if isinstance(self.control_node, RabbitNode):
             self.control_node.stop(kill=True)  # a leftover from a crashed run
-            self.control_node.prepare()
+            self.control_node.prepare(plugins=self.control_plugins)
             started += self.control_node.start()
         return started
 
