@@ -8,7 +8,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: all venv test unit demo faults clean
+.PHONY: all venv test unit demo faults bench clean
 
 all: test
 
@@ -37,6 +37,11 @@ demo: $(STAMP)
 # prints the sent/delivered/lost/duplicated/outage table.  About two minutes.
 faults: $(STAMP)
 	$(PY) -m lab.faults
+
+# msgmux against the alternatives on this machine (oslo direct, the Shovel), one run,
+# printed as a table of figures and ratios.  About five minutes.
+bench: $(STAMP)
+	$(PY) -m lab.bench
 
 clean:
 	rm -rf $(VENV) _trial_temp /tmp/msgmux-trial

@@ -32,7 +32,7 @@ from msgmux.oslo import envelope
 from msgmux.oslo.tokens import TokenError, TokenSigner
 from msgmux.oslo.topology import ExchangeSpec, OsloTopology, QueueSpec
 from msgmux.relay import Publication, Refusal, Relay
-from msgmux.routing import Destination, LinkRoutes, Source, canary_queue_name, destination, publish_topology, sources
+from msgmux.routing import Destination, LinkRoutes, Source, canary_queue_name, publish_topology, sources
 from msgmux.stats import LinkStats
 
 __all__ = ["ControlLink", "ControlLinkFactory", "ControlRelay", "IDENTITY_HEADER"]
@@ -206,6 +206,9 @@ class ControlRelay(Relay):
         self._canaries.clock = owner.clock
 
     # --- topology -------------------------------------------------------
+
+    def topology(self) -> OsloTopology:
+        return self.owner.topology
 
     def sources(self) -> list[Source]:
         return sources(self.config.name, self.config.down, self.config.notifications_down, self.owner.topology)
@@ -395,7 +398,7 @@ class ControlRelay(Relay):
                 raise Refusal("malformed", str(e)) from None
             body = parsed.with_inner(_msg_id=token, _reply_q=self.owner.routes.reply_queue)
             self.owner.calls.begin(token, deadline, "up")
-        return Publication(destination(address, self.owner.topology), properties, body, deadline)
+        return Publication(self._destination(address), properties, body, deadline)
 
     def _notification_up(self, address: NotificationAddress, properties: dict[str, Any], body: bytes) -> Publication:
         for rule in self.config.notifications_up:
@@ -404,7 +407,7 @@ class ControlRelay(Relay):
         else:
             raise Refusal("route", f"no up route for notification {address.topic}.{address.priority}")
         _parse(body)
-        return Publication(destination(address, self.owner.topology), properties, body)
+        return Publication(self._destination(address), properties, body)
 
     def _reply_up(self, properties: dict[str, Any], body: bytes) -> Publication:
         parsed = _parse(body)

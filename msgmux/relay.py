@@ -39,8 +39,8 @@ from msgmux.amqp.channel import Channel, ChannelLost, Delivery
 from msgmux.amqp.protocol import BrokerProtocol
 from msgmux.link.codec import Address, CanaryAddress, Message, NotificationAddress, RpcAddress
 from msgmux.link.protocol import LinkProtocol, MessageTooLarge
-from msgmux.oslo.topology import ExchangeSpec, QueueSpec
-from msgmux.routing import Destination, Source
+from msgmux.oslo.topology import ExchangeSpec, OsloTopology, QueueSpec
+from msgmux.routing import Destination, Source, destination
 from msgmux.stats import LinkStats
 
 #: Seconds between attempts to rebuild a channel that failed.
@@ -121,6 +121,12 @@ class Relay:
         self._waiting: collections.deque[tuple[Message, Delivery]] = collections.deque()
         self._unpublished: collections.deque[_Inbound] = collections.deque()
         self._unconfirmed: dict[int, _Inbound] = {}
+        self._destinations: dict[Any, Destination] = {}
+        self._relayed_keys = {
+            (direction, kind): LinkStats.key("relayed", direction=direction, kind=kind)
+            for direction in (self.direction_in, self.direction_out)
+            for kind in ("rpc", "notification", "reply", "canary")
+        }
 
     # --- what the halves provide ------------------------------------------
 
@@ -147,6 +153,17 @@ class Relay:
         @raise Refusal: to refuse it for good.
         """
         raise NotImplementedError
+
+    def topology(self) -> OsloTopology:
+        """oslo's declarations on this half's broker."""
+        raise NotImplementedError
+
+    def _destination(self, address: Address) -> Destination:
+        """Where C{address} goes on this half's broker (computed once per address)."""
+        target = self._destinations.get(address)
+        if target is None:
+            target = self._destinations[address] = destination(address, self.topology())
+        return target
 
     def return_credit(self, count: int) -> None:
         """Let the peer send C{count} more messages (the control half rate-limits)."""
@@ -336,11 +353,16 @@ class Relay:
                 self._send(message, delivery)
 
     def messages_acknowledged(self, tokens: list[tuple[Delivery, str]]) -> None:
-        count = self.stats.count
-        direction = self.direction_out
+        by_channel: dict[Channel, list[int]] = {}
+        kinds: dict[str, int] = {}
         for delivery, kind in tokens:
-            delivery.ack()
-            count("relayed", direction=direction, kind=kind)
+            by_channel.setdefault(delivery.channel, []).append(delivery.delivery_tag)
+            kinds[kind] = kinds.get(kind, 0) + 1
+        for channel, tags in by_channel.items():
+            channel.ack_many(tags)
+        counts = self.stats.counts
+        for kind, count in kinds.items():
+            counts[self._relayed_keys[(self.direction_out, kind)]] += count
 
     def message_refused(self, token: tuple[Delivery, str], reason: str) -> None:
         delivery = token[0]
@@ -382,28 +404,25 @@ class Relay:
         if target.redeclare is not None:
             spec = target.redeclare
             channel.redeclare_exchange(spec.name, spec.kind, spec.durable, spec.auto_delete)
+        self._unconfirmed[entry.seq] = entry
         try:
-            confirmed = channel.publish(target.exchange, target.routing_key, properties, publication.body, target.mandatory)
+            channel.publish_then(
+                target.exchange, target.routing_key, properties, publication.body, target.mandatory, self._outcome, entry
+            )
         except wire.WireError as e:
+            del self._unconfirmed[entry.seq]
             self.link.refuse(entry.seq, "malformed")
             self.stats.reject(self.direction_in, "malformed", str(e))
             self.return_credit(1)
+
+    def _outcome(self, entry: _Inbound, error: Exception | None) -> None:
+        """The broker answered a publish (or its channel went)."""
+        if error is None:
+            if self._unconfirmed.pop(entry.seq, None) is not None:
+                self.stats.counts[self._relayed_keys[(self.direction_in, entry.kind)]] += 1
+                self._settled(entry.seq)
             return
-        self._unconfirmed[entry.seq] = entry
-        confirmed.addCallbacks(self._confirmed, self._not_confirmed, (entry, channel), None, (entry, channel))
-
-    def _confirmed(self, _: None, entry: _Inbound, channel: Channel) -> None:
-        if self._unconfirmed.pop(entry.seq, None) is not None:
-            self.stats.count("relayed", direction=self.direction_in, kind=entry.kind)
-            self._settled(entry.seq)
-
-    def _settled(self, seq: int) -> None:
-        if self.active:
-            self.link.acknowledge(seq)
-            self.return_credit(1)
-
-    def _not_confirmed(self, failure: Failure, entry: _Inbound, channel: Channel) -> None:
-        if failure.check(ChannelLost):
+        if isinstance(error, ChannelLost):
             return  # _channel_lost moved it back to the unpublished queue
         if self._unconfirmed.pop(entry.seq, None) is None:
             return
@@ -412,9 +431,14 @@ class Relay:
             "Link {link}: the {broker} broker refused a publish ({error}); retrying",
             link=self.stats.link,
             broker=self.broker.name,
-            error=failure.getErrorMessage(),
+            error=str(error),
         )
         self.clock.callLater(REPUBLISH_DELAY, self._retry, entry)
+
+    def _settled(self, seq: int) -> None:
+        if self.active:
+            self.link.acknowledge(seq)
+            self.return_credit(1)
 
     def _retry(self, entry: _Inbound) -> None:
         if not self.active:

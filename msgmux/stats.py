@@ -45,6 +45,14 @@ class LinkStats:
         """Add C{n} to counter C{name} with C{labels}."""
         self.counts[(name, tuple(sorted(labels.items())))] += n
 
+    @staticmethod
+    def key(name: str, **labels: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+        """
+        @return: the key of counter C{name} with C{labels}, for hot paths that
+            add to C{counts[key]} directly instead of building it each time.
+        """
+        return (name, tuple(sorted(labels.items())))
+
     def get(self, name: str, **labels: str) -> int:
         """
         @return: the sum of counter C{name} over all label sets that include

@@ -24,7 +24,7 @@ from msgmux.link.codec import CanaryAddress, Message, ReplyAddress, Welcome
 from msgmux.link.protocol import LinkProtocol, SessionHandler, TenantLinkProtocol
 from msgmux.oslo.topology import ExchangeSpec, OsloTopology, QueueSpec
 from msgmux.relay import Publication, Refusal, Relay
-from msgmux.routing import Destination, LinkRoutes, Source, canary_queue_name, destination, publish_topology, sources
+from msgmux.routing import Destination, LinkRoutes, Source, canary_queue_name, publish_topology, sources
 from msgmux.stats import LinkStats
 
 __all__ = ["TenantLink", "TenantLinkFactory", "TenantRelay"]
@@ -105,6 +105,9 @@ class TenantRelay(Relay):
         self.owner = owner
         self.routes = routes
 
+    def topology(self) -> OsloTopology:
+        return self.owner.topology
+
     def sources(self) -> list[Source]:
         return sources(self.routes.link, self.routes.up, self.routes.notifications_up, self.owner.topology)
 
@@ -119,6 +122,4 @@ class TenantRelay(Relay):
             return Publication(Destination("", canary_queue_name(self.routes.link)), dict(message.properties), message.body)
         if isinstance(message.address, ReplyAddress) and not message.address.queue:
             raise Refusal("malformed", "reply without a reply queue")
-        return Publication(
-            destination(message.address, self.owner.topology), dict(message.properties), message.body, message.deadline
-        )
+        return Publication(self._destination(message.address), dict(message.properties), message.body, message.deadline)

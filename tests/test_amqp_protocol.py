@@ -108,6 +108,40 @@ class DeliveryTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
 
 
+class AckTests(SynchronousTestCase):
+    def test_batches_become_one_multiple_ack(self) -> None:
+        """Acks that leave nothing unsettled below them go out as one multiple ack naming an unacked tag."""
+        protocol, transport, channel = make_protocol()
+        channel._consumers["ctag"] = lambda delivery: None
+        protocol.dataReceived(b"".join(deliver_frames(tag, {}, b"x") for tag in range(1, 7)))
+        transport.clear()
+        channel.ack_many([2, 1, 3])
+        self.assertEqual(transport.value(), wire.encode_ack(1, 3, multiple=True))
+        transport.clear()
+        channel.ack_many([5, 6])  # 4 is still unsettled: these go one by one
+        self.assertEqual(transport.value(), wire.encode_ack(1, 5) + wire.encode_ack(1, 6))
+        transport.clear()
+        channel.reject(4, requeue=False)
+        channel.ack_many([])
+        self.assertEqual(transport.value(), wire.encode_reject(1, 4, False))
+        self.assertEqual(channel._low, 7)
+        self.assertEqual(channel._settled, set())
+
+    def test_multiple_ack_skips_settled_tags(self) -> None:
+        """A multiple ack never names a tag the broker already settled."""
+        protocol, transport, channel = make_protocol()
+        channel._consumers["ctag"] = lambda delivery: None
+        protocol.dataReceived(b"".join(deliver_frames(tag, {}, b"x") for tag in range(1, 5)))
+        channel.ack_many([2])
+        channel.reject(3, requeue=True)
+        transport.clear()
+        channel.ack_many([1])
+        self.assertEqual(transport.value(), wire.encode_ack(1, 1, multiple=True))
+        transport.clear()
+        channel.ack_many([4])
+        self.assertEqual(transport.value(), wire.encode_ack(1, 4, multiple=True))
+
+
 class ConfirmTests(SynchronousTestCase):
     def test_publish_confirms(self) -> None:
         """Publishes get sequential tags; single, multiple and negative confirms resolve the right Deferreds."""

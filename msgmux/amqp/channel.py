@@ -31,6 +31,13 @@ class PublishRefused(Exception):
     """The broker nacked a publish (internal error or a queue refusing it)."""
 
 
+def _fire(confirmed: defer.Deferred[None], error: Exception | None) -> None:
+    if error is None:
+        confirmed.callback(None)
+    else:
+        confirmed.errback(error)
+
+
 class Delivery:
     """
     A message the broker delivered to one of our consumers.
@@ -95,9 +102,15 @@ class Channel:
         self.number: int = txchannel.id
         self._tx = txchannel
         self._consumers: dict[str, Callable[[Delivery], None]] = {}
-        self._confirms: dict[int, defer.Deferred[None]] = {}
+        self._confirms: dict[int, tuple[Callable[[Any, Exception | None], None], Any]] = {}
         self._publish_tag = 0
         self._confirming = False
+        # Delivery tags of a channel are consecutive from 1.  Every tag below
+        # _low is settled (acked or rejected); _settled holds settled tags
+        # above it.  This lets one basic.ack with multiple=True settle a
+        # whole batch instead of a frame per message.
+        self._low = 1
+        self._settled: set[int] = set()
         self.lost_reason: Failure | None = None
         self.lost_observers: list[Callable[[Failure], None]] = []
         self.return_observers: list[Callable[[int, str, str, str, dict[str, Any], bytes], None]] = []
@@ -214,18 +227,42 @@ class Channel:
             nack and L{ChannelLost} if the channel goes first.
         @raise wire.WireError: when the message cannot be encoded.
         """
+        confirmed: defer.Deferred[None] = defer.Deferred()
+        self.publish_then(exchange, routing_key, properties, body, mandatory, _fire, confirmed)
+        return confirmed
+
+    def publish_then(
+        self,
+        exchange: str,
+        routing_key: str,
+        properties: dict[str, Any],
+        body: bytes,
+        mandatory: bool,
+        outcome: Callable[[Any, Exception | None], None],
+        argument: Any,
+    ) -> None:
+        """
+        Publish one message and call C{outcome(argument, error)} once the
+        broker confirmed it (C{error} L{None}) or refused it or the channel
+        went (C{error} a L{PublishRefused} or L{ChannelLost}).
+
+        The relays' hot path: L{publish} wraps it in a Deferred, which costs
+        more per message than this callback pair.
+
+        @raise wire.WireError: when the message cannot be encoded.
+        """
         if not self.is_open:
-            return defer.fail(ChannelLost("channel is closed"))
+            outcome(argument, ChannelLost("channel is closed"))
+            return
         parts = wire.encode_publish(
             self.number, exchange, routing_key, properties, body, self.protocol.MAX_LENGTH, mandatory
         )
         self.protocol.write_frames(parts)
         if not self._confirming:
-            return defer.succeed(None)
+            outcome(argument, None)
+            return
         self._publish_tag += 1
-        confirmed: defer.Deferred[None] = defer.Deferred()
-        self._confirms[self._publish_tag] = confirmed
-        return confirmed
+        self._confirms[self._publish_tag] = (outcome, argument)
 
     def redeclare_exchange(self, name: str, kind: str, durable: bool, auto_delete: bool) -> None:
         """
@@ -235,14 +272,46 @@ class Channel:
         if self.is_open:
             self.protocol.write_frame(wire.encode_exchange_declare(self.number, name, kind, durable, auto_delete))
 
+    def _settle(self, tag: int) -> None:
+        if tag != self._low:
+            self._settled.add(tag)
+            return
+        low = tag + 1
+        settled = self._settled
+        while low in settled:
+            settled.remove(low)
+            low += 1
+        self._low = low
+
     def ack(self, delivery_tag: int) -> None:
         """Acknowledge a delivery of this channel (ignored once it closed)."""
-        if self.is_open:
-            self.protocol.write_frame(wire.encode_ack(self.number, delivery_tag))
+        self.ack_many([delivery_tag])
+
+    def ack_many(self, tags: list[int]) -> None:
+        """
+        Acknowledge deliveries of this channel (ignored once it closed).
+
+        Tags that, once settled, leave no unsettled tag below them go in one
+        C{basic.ack} with C{multiple} set, naming the highest of them: that
+        tag is still unacknowledged at the broker, as RabbitMQ requires, and
+        every lower one is either in this batch or already settled.  The
+        others are acknowledged one by one.
+        """
+        if not self.is_open or not tags:
+            return
+        for tag in tags:
+            self._settle(tag)
+        low = self._low
+        number = self.number
+        below = [tag for tag in tags if tag < low]
+        frames = [wire.encode_ack(number, max(below), multiple=True)] if below else []
+        frames.extend(wire.encode_ack(number, tag) for tag in tags if tag >= low)
+        self.protocol.write_frames(frames)
 
     def reject(self, delivery_tag: int, requeue: bool) -> None:
         """Reject a delivery of this channel (ignored once it closed)."""
         if self.is_open:
+            self._settle(delivery_tag)
             self.protocol.write_frame(wire.encode_reject(self.number, delivery_tag, requeue))
 
     # --- called by the protocol ---------------------------------------------
@@ -251,15 +320,18 @@ class Channel:
         """The broker confirmed (or refused) publishes up to C{tag}."""
         confirms = self._confirms
         if multiple:
-            done = [t for t in confirms if t <= tag]
+            # Tags were inserted in increasing order: stop at the first
+            # larger one instead of scanning every pending publish.
+            done = []
+            for pending in confirms:
+                if pending > tag:
+                    break
+                done.append(pending)
         else:
             done = [tag] if tag in confirms else []
         for t in done:
-            d = confirms.pop(t)
-            if ok:
-                d.callback(None)
-            else:
-                d.errback(PublishRefused(f"broker refused publish {t}"))
+            outcome, argument = confirms.pop(t)
+            outcome(argument, None if ok else PublishRefused(f"broker refused publish {t}"))
 
     def delivered(
         self,
@@ -305,7 +377,7 @@ class Channel:
         self.lost_reason = reason
         self._consumers.clear()
         confirms, self._confirms = self._confirms, {}
-        for d in confirms.values():
-            d.errback(ChannelLost(str(reason.value)))
+        for outcome, argument in confirms.values():
+            outcome(argument, ChannelLost(str(reason.value)))
         for observer in list(self.lost_observers):
             observer(reason)

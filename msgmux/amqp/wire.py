@@ -317,15 +317,37 @@ _PROPERTIES = (
 PROPERTY_NAMES = tuple(name for name, _, _ in _PROPERTIES)
 
 
+# Decoded property lists without header tables, by their bytes: relayed
+# traffic repeats the same few.  Each caller gets its own dict.
+_decoded_properties: dict[bytes, dict[str, Any]] = {}
+
+
 def decode_properties(data: bytes, offset: int) -> dict[str, Any]:
     """
     Decode the property flags and list of a basic content header.
 
     @param data: the header frame payload.
     @param offset: where the property flags start.
-    @return: the present properties by name.
+    @return: the present properties by name (a new dict).
     @raise WireError: on malformed input.
     """
+    raw = data[offset:] if offset else data
+    cached = _decoded_properties.get(raw)
+    if cached is not None:
+        properties = dict(cached)
+        if "headers" in properties:
+            properties["headers"] = {}
+        return properties
+    properties = _decode_properties(data, offset)
+    headers = properties.get("headers")
+    if headers is None or headers == {}:
+        if len(_decoded_properties) >= 1024:
+            _decoded_properties.clear()
+        _decoded_properties[raw] = dict(properties)
+    return properties
+
+
+def _decode_properties(data: bytes, offset: int) -> dict[str, Any]:
     try:
         (flags,) = _U16.unpack_from(data, offset)
         if flags & 1:
@@ -351,12 +373,31 @@ def decode_properties(data: bytes, offset: int) -> dict[str, Any]:
         raise WireError("truncated content header") from None
 
 
+# oslo.messaging sends these five properties, with an empty header table, on
+# every message: their encodings are cached by value.
+_OSLO_PROPERTIES = frozenset(("content_type", "content_encoding", "headers", "delivery_mode", "priority"))
+_oslo_encodings: dict[tuple[str, str, int, int], bytes] = {}
+
+
 def encode_properties(properties: dict[str, Any]) -> bytes:
     """
     @param properties: basic properties by name (unknown names refused).
     @return: property flags and list.
     @raise WireError: for an unknown property or a value that does not fit.
     """
+    if properties.keys() == _OSLO_PROPERTIES and properties["headers"] == {}:
+        key = (properties["content_type"], properties["content_encoding"], properties["delivery_mode"], properties["priority"])
+        cached = _oslo_encodings.get(key)
+        if cached is not None and type(key[2]) is int and type(key[3]) is int:
+            return cached
+        encoded = _encode_properties(properties)
+        if len(_oslo_encodings) < 256:
+            _oslo_encodings[key] = encoded
+        return encoded
+    return _encode_properties(properties)
+
+
+def _encode_properties(properties: dict[str, Any]) -> bytes:
     flags = 0
     out: list[bytes] = []
     for name, bit, kind in _PROPERTIES:
@@ -397,6 +438,14 @@ def frame(frame_type: int, channel: int, payload: bytes) -> bytes:
     return FRAME_HEAD.pack(frame_type, channel, len(payload)) + payload + FRAME_END_BYTE
 
 
+#: Bodies up to this size are joined with their frames into one string.
+SMALL_BODY = 16384
+
+# basic.publish method frames by (channel, exchange, routing key, mandatory):
+# relayed traffic goes to few destinations.
+_publish_frames: dict[tuple[int, str, str, bool], bytes] = {}
+
+
 def encode_publish(
     channel: int,
     exchange: str,
@@ -415,14 +464,37 @@ def encode_publish(
         are not copied into one string).
     @raise WireError: when a name or property cannot be encoded.
     """
-    method = (
-        _PUBLISH_PREFIX.pack(BASIC, BASIC_PUBLISH, 0)
-        + _shortstr(exchange)
-        + _shortstr(routing_key)
-        + (b"\x01" if mandatory else b"\x00")
-    )
+    key = (channel, exchange, routing_key, mandatory)
+    method_frame = _publish_frames.get(key)
+    if method_frame is None:
+        method = (
+            _PUBLISH_PREFIX.pack(BASIC, BASIC_PUBLISH, 0)
+            + _shortstr(exchange)
+            + _shortstr(routing_key)
+            + (b"\x01" if mandatory else b"\x00")
+        )
+        method_frame = frame(FRAME_METHOD, channel, method)
+        if len(_publish_frames) >= 4096:
+            _publish_frames.clear()
+        _publish_frames[key] = method_frame
     header = _CONTENT_HEAD.pack(BASIC, 0, len(body)) + encode_properties(properties)
-    parts = [frame(FRAME_METHOD, channel, method), frame(FRAME_HEADER, channel, header)]
+    if 0 < len(body) <= SMALL_BODY and (frame_max <= 0 or len(body) <= frame_max - 8):
+        # One string for a small message: cheaper to join than to hand the
+        # transport five pieces.
+        return [
+            b"".join(
+                (
+                    method_frame,
+                    FRAME_HEAD.pack(FRAME_HEADER, channel, len(header)),
+                    header,
+                    FRAME_END_BYTE,
+                    FRAME_HEAD.pack(FRAME_BODY, channel, len(body)),
+                    body,
+                    FRAME_END_BYTE,
+                )
+            )
+        ]
+    parts = [method_frame, frame(FRAME_HEADER, channel, header)]
     # frame_max 0 means "no limit" in connection.tune; below 4096 is not
     # allowed by the spec, but never let it turn into an empty range.
     chunk = max(frame_max - 8, 1) if frame_max > 0 else max(len(body), 1)

@@ -268,6 +268,15 @@ def _frame_array(frame: Frame) -> list[Any]:
     raise TypeError(f"not a frame: {frame!r}")
 
 
+def encode_message(seq: int, message: Message) -> bytes:
+    """
+    @return: the CBOR payload of C{message} numbered C{seq} (the hot path:
+        no new frame object).
+    """
+    kind, address = _address_array(message.address)
+    return cbor2.dumps([MSG, seq, kind, address, message.properties, message.body, message.deadline], datetime_as_timestamp=True)
+
+
 def encode_payload(frame: Frame) -> bytes:
     """
     @param frame: a frame value.
@@ -361,22 +370,51 @@ def _fields(array: list[Any], count: int, name: str) -> list[Any]:
 
 
 def _decode_message(array: list[Any]) -> Message:
-    _, seq, kind, address, properties, body, deadline = _fields(array, 7, "MSG")
-    _expect(_is_uint(seq) and seq > 0, "MSG seq must be a positive integer")
-    _expect(type(address) is list, "MSG address must be an array")
-    _expect(type(body) is bytes, "MSG body must be a byte string")
-    _expect(deadline is None or type(deadline) in (float, int), "MSG deadline must be a number or null")
-    return Message(
-        seq=seq,
-        address=_decode_address(kind, address),
-        properties=_decode_properties(properties),
-        body=body,
-        deadline=None if deadline is None else float(deadline),
-    )
+    # The hot path of every relayed message: checks are inline, and error
+    # texts are only built when a check fails.
+    if len(array) != 7:
+        raise FrameError(f"MSG frame needs 6 fields, has {len(array) - 1}")
+    _, seq, kind, address, properties, body, deadline = array
+    if type(seq) is not int or not 0 < seq < 1 << 64:
+        raise FrameError("MSG seq must be a positive integer")
+    if type(address) is not list:
+        raise FrameError("MSG address must be an array")
+    if type(body) is not bytes:
+        raise FrameError("MSG body must be a byte string")
+    if deadline is not None:
+        if type(deadline) is not float and type(deadline) is not int:
+            raise FrameError("MSG deadline must be a number or null")
+        deadline = float(deadline)
+    return Message(seq, _decode_address(kind, address), _decode_properties(properties), body, deadline)
+
+
+# Decoded addresses by their wire form.  Relayed traffic uses a handful of
+# addresses over and over, so this saves building and checking them per
+# message; it is emptied when it grows past a bound (a peer cycling through
+# topics cannot grow it without limit).
+_ADDRESSES: dict[tuple[Any, ...], Address] = {}
+_ADDRESS_CACHE_LIMIT = 4096
 
 
 def _decode_address(kind: object, address: list[Any]) -> Address:
-    _expect(type(kind) is int, "MSG kind must be an unsigned integer")
+    if type(kind) is not int:
+        raise FrameError("MSG kind must be an unsigned integer")
+    try:
+        key = (kind, *address)
+        cached = _ADDRESSES.get(key)
+    except TypeError:  # an unhashable element: certainly invalid, checked below
+        key, cached = None, None
+    if cached is not None:
+        return cached
+    decoded = _check_address(kind, address)
+    if key is not None:
+        if len(_ADDRESSES) >= _ADDRESS_CACHE_LIMIT:
+            _ADDRESSES.clear()
+        _ADDRESSES[key] = decoded
+    return decoded
+
+
+def _check_address(kind: int, address: list[Any]) -> Address:
     if kind == KIND_RPC and len(address) == 4:
         exchange, topic, server, fanout = address
         _expect(_optional_str(exchange) and _is_str(topic) and _optional_str(server), "bad RPC address")
@@ -395,17 +433,20 @@ def _decode_address(kind: object, address: list[Any]) -> Address:
 
 
 def _decode_properties(properties: object) -> dict[str, Any]:
-    _expect(type(properties) is dict, "MSG properties must be a map")
-    assert isinstance(properties, dict)
+    if type(properties) is not dict:
+        raise FrameError("MSG properties must be a map")
     for name, value in properties.items():
         expected = PROPERTY_TYPES.get(name)
-        _expect(expected is not None, f"unknown message property {name!r}"[:200])
-        _expect(type(value) is expected, f"message property {name} has the wrong type")
+        if expected is None:
+            raise FrameError(f"unknown message property {name!r}"[:200])
+        if type(value) is not expected:
+            raise FrameError(f"message property {name} has the wrong type")
         bits = _PROPERTY_BITS.get(name)
-        if bits is not None:
-            _expect(_is_uint(value, bits), f"message property {name} is out of range")
-    if "headers" in properties:
-        _check_header_table(properties["headers"])
+        if bits is not None and not 0 <= value < 1 << bits:
+            raise FrameError(f"message property {name} is out of range")
+    headers = properties.get("headers")
+    if headers:
+        _check_header_table(headers)
     return properties
 
 

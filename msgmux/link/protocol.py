@@ -19,7 +19,6 @@ import struct
 import uuid
 from typing import Any, Callable, Protocol
 
-import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.internet.task import LoopingCall
@@ -205,9 +204,21 @@ class LinkProtocol(TwistedProtocol):
             for frame in frames:
                 if self.close_reason is not None:
                     return
-                self.frame_received(frame)
+                if type(frame) is Message and self.handler is not None and self.session is not None:
+                    self._message(frame)  # the common case, without the dispatch below
+                else:
+                    self.frame_received(frame)
         except ProtocolViolation as e:
             self._violation(e.code, e.detail)
+
+    def _message(self, frame: Message) -> None:
+        if frame.seq != self._expected_seq:
+            raise ProtocolViolation("bad-sequence", f"expected MSG {self._expected_seq}, got {frame.seq}")
+        if self.receive_credit <= 0:
+            raise ProtocolViolation("flow-control", f"MSG {frame.seq} sent without credit")
+        self._expected_seq += 1
+        self.receive_credit -= 1
+        self.handler.message_received(frame)  # type: ignore[union-attr]
 
     def frame_received(self, frame: Frame) -> None:
         """Dispatch one frame of an established session (handshake frames are the subclasses')."""
@@ -224,13 +235,7 @@ class LinkProtocol(TwistedProtocol):
             raise ProtocolViolation("unexpected-frame", f"{type(frame).__name__} before the handshake completed")
         assert self.handler is not None
         if isinstance(frame, Message):
-            if frame.seq != self._expected_seq:
-                raise ProtocolViolation("bad-sequence", f"expected MSG {self._expected_seq}, got {frame.seq}")
-            if self.receive_credit <= 0:
-                raise ProtocolViolation("flow-control", f"MSG {frame.seq} sent without credit")
-            self._expected_seq += 1
-            self.receive_credit -= 1
-            self.handler.message_received(frame)
+            self._message(frame)
         elif isinstance(frame, Ack):
             tokens = []
             for seq in frame.seqs:
@@ -272,7 +277,7 @@ class LinkProtocol(TwistedProtocol):
         if self.send_credit <= 0 or not self.established:
             raise RuntimeError("send_message without credit or session")
         seq = self._next_seq
-        payload = codec.encode_payload(attrs.evolve(message, seq=seq))
+        payload = codec.encode_message(seq, message)
         if len(payload) > self.peer_max_frame:
             raise MessageTooLarge(f"{len(payload)} bytes, the peer accepts {self.peer_max_frame}")
         self._next_seq += 1
