@@ -443,6 +443,12 @@ def _queue_options(section: Section) -> QueueOptions:
     # The same combinations oslo's driver refuses to start with.
     if values["rabbit_quorum_queue"] and values["rabbit_ha_queues"]:
         raise section.error("rabbit_quorum_queue", "cannot be combined with rabbit_ha_queues (oslo refuses it too)")
+    if values["rabbit_transient_quorum_queue"] and values["rabbit_ha_queues"]:
+        # oslo's reply and fanout consumers pass the transient flag as their
+        # quorum flag, and refuse it together with HA queues.
+        raise section.error(
+            "rabbit_transient_quorum_queue", "cannot be combined with rabbit_ha_queues (oslo refuses it too)"
+        )
     if values["rabbit_stream_fanout"] and not values["rabbit_transient_quorum_queue"]:
         raise section.error("rabbit_stream_fanout", "needs rabbit_transient_quorum_queue = true (as in oslo)")
     section.finish()

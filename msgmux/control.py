@@ -14,7 +14,7 @@ its C{max_rate}; the excess waits on the tenant broker.
 
 from __future__ import annotations
 
-import json
+import re
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
@@ -31,7 +31,7 @@ from msgmux.link.protocol import ControlLinkProtocol, LinkProtocol
 from msgmux.oslo import envelope
 from msgmux.oslo.tokens import TokenError, TokenSigner
 from msgmux.oslo.topology import ExchangeSpec, OsloTopology, QueueSpec
-from msgmux.relay import Publication, Refusal, Relay
+from msgmux.relay import RETURN_RETRY_LIMIT, Publication, Refusal, Relay
 from msgmux.routing import Destination, LinkRoutes, Source, canary_queue_name, publish_topology, sources
 from msgmux.stats import LinkStats
 
@@ -39,6 +39,35 @@ __all__ = ["ControlLink", "ControlLinkFactory", "ControlRelay", "IDENTITY_HEADER
 
 #: The AMQP header carrying the link a message came up from.
 IDENTITY_HEADER = "x-msgmux-link"
+
+#: The basic properties a tenant's message keeps on its way up.  Headers are
+#: replaced by the identity header alone: RabbitMQ routes on some of them
+#: (C{CC}, C{BCC}), and oslo sets none.  C{user_id} would be checked by the
+#: broker against msgmux's own login; C{reply_to} and C{cluster_id} mean
+#: nothing to oslo.
+UPSTREAM_PROPERTIES = frozenset(
+    ("content_type", "content_encoding", "delivery_mode", "priority", "expiration", "correlation_id", "message_id", "timestamp", "type", "app_id")
+)
+
+#: What every oslo.messaging message says of its body.  A consumer picks its
+#: decoder from these, so anything else could make a server read other bytes
+#: than the ones msgmux checked.
+OSLO_CONTENT = {"content_type": "application/json", "content_encoding": "utf-8"}
+
+#: Sessions a link may start in a burst, and per second after it: each new
+#: session opens a channel and declares topology on the control broker.
+SESSION_BURST = 5
+SESSION_RATE = 1.0
+
+#: Canaries older than this when they come back are refused (a replay).
+CANARY_MAX_AGE = 3600.0
+
+_EXPIRATION = re.compile(r"[0-9]{1,10}", re.ASCII)
+
+#: Why a message compressed by kombu (oslo's kombu_compression) is refused:
+#: msgmux must read calls and replies to rewrite them, and does not
+#: decompress.
+COMPRESSED = "compressed by kombu (kombu_compression), which msgmux does not relay; leave kombu_compression unset"
 
 
 class TokenBucket:
@@ -97,6 +126,7 @@ class ControlLink:
         self.stats = LinkStats(config.name, clock)
         self.calls = CallTracker(clock, self.stats)
         self.bucket = TokenBucket(config.limits.max_rate, config.limits.burst, clock)
+        self.sessions = TokenBucket(SESSION_RATE, SESSION_BURST, clock)
         self.relay: ControlRelay | None = None
         self.last_canary: float | None = None
         self.stats.gauges["link_up"] = 0
@@ -146,28 +176,51 @@ class ControlLink:
         """Largest frame accepted from the tenant half."""
         return self.config.limits.max_message_size + FRAME_OVERHEAD
 
-    def attach(self, protocol: LinkProtocol) -> ControlRelay | None:
+    def attach(self, protocol: LinkProtocol) -> ControlRelay | str:
         """
         A tenant half completed HELLO.
 
-        @return: the relay for its session, or L{None} if another tenant
-            half already holds this link.
+        @return: the relay for its session, or why there is none: another
+            tenant half holds this link, or this link started too many
+            sessions lately (each costs a channel and declarations on the
+            control broker).
         """
         if self.relay is not None and self.relay.active:
-            return None
+            return f"link {self.config.name!r} already has a tenant half connected"
+        if not self.sessions.take(1):
+            self.stats.count("sessions_refused")
+            return f"link {self.config.name!r} started {SESSION_BURST} sessions lately; retry in a second"
         self.relay = ControlRelay(self, protocol)
         self.stats.count("sessions")
         return self.relay
 
 
+#: Connections one link socket holds open before their handshake: a real
+#: tenant half needs one; more are turned away so that nobody can pile up
+#: sockets and buffers on the control half.
+MAX_PENDING_CONNECTIONS = 4
+
+
 class ControlLinkFactory(Factory):
     """Builds the control end of the link for connections on one socket."""
 
+    _log = Logger()
+
     def __init__(self, link: ControlLink) -> None:
         self.link = link
+        self._pending: set[ControlLinkProtocol] = set()
 
-    def buildProtocol(self, addr: Any) -> ControlLinkProtocol:
+    def buildProtocol(self, addr: Any) -> ControlLinkProtocol | None:
         link = self.link
+        self._pending = {p for p in self._pending if p.session is None and p.close_reason is None}
+        if len(self._pending) >= MAX_PENDING_CONNECTIONS:
+            link.stats.count("connections_refused")
+            self._log.warn(
+                "Link {link}: refusing a connection, {count} others have not completed the handshake",
+                link=link.config.name,
+                count=len(self._pending),
+            )
+            return None
         protocol = ControlLinkProtocol(
             clock=link.clock,
             heartbeat=link.control.link_heartbeat,
@@ -178,6 +231,7 @@ class ControlLinkFactory(Factory):
         )
         protocol.violation_observers.append(lambda code, detail: link.stats.count("protocol_violations", code=code))
         protocol.factory = self
+        self._pending.add(protocol)
         return protocol
 
 
@@ -185,8 +239,10 @@ def _expiration_seconds(properties: dict[str, Any]) -> float | None:
     value = properties.get("expiration")
     if value is None:
         return None
-    if not isinstance(value, str) or not value.isdigit() or len(value) > 10:
-        raise Refusal("malformed", f"expiration {value!r} is not a number of milliseconds")
+    # ASCII digits only: str.isdigit() and int() also take other scripts'
+    # digits, which RabbitMQ refuses by closing the channel.
+    if type(value) is not str or not _EXPIRATION.fullmatch(value):
+        raise Refusal("malformed", f"expiration {value!r} is not a number of milliseconds"[:200])
     return int(value) / 1000.0
 
 
@@ -252,19 +308,19 @@ class ControlRelay(Relay):
         channel = self.channel
         if channel is None:
             return
-        body = json.dumps({"sent": self.clock.seconds(), "link": self.config.name}).encode()
+        body = self.owner.signer.canary(self.config.name, self.clock.seconds())
         canary = channel.publish("", canary_queue_name(self.config.name), {"content_type": "application/json"}, body)
         canary.addErrback(lambda failure: None)  # a lost canary is what the health check is for
         self.stats.count("canaries_sent")
 
     def _canary_back(self, body: bytes) -> None:
         try:
-            sent = float(json.loads(body)["sent"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise Refusal("malformed", f"not a canary: {e}") from None
+            sent = self.owner.signer.verify_canary(self.config.name, body)
+        except TokenError as e:
+            raise Refusal("malformed", str(e)) from None
         now = self.clock.seconds()
-        if sent > now:
-            raise Refusal("malformed", "canary from the future")
+        if not now - CANARY_MAX_AGE <= sent <= now:
+            raise Refusal("malformed", "canary from the future or replayed")
         self.owner.last_canary = now
         self.stats.gauges["canary_round_trip_seconds"] = now - sent
         self.stats.count("canaries_returned")
@@ -274,10 +330,15 @@ class ControlRelay(Relay):
     def outbound(self, source: Source, delivery: Delivery) -> Message | None:
         properties = delivery.properties
         headers = properties.get("headers")
-        if headers and headers.get(IDENTITY_HEADER) == self.config.name:
-            delivery.reject(requeue=False)
-            self.stats.reject("down", "loop", f"message from link {self.config.name} routed back to it")
-            return None
+        if headers:
+            if headers.get(IDENTITY_HEADER) == self.config.name:
+                delivery.reject(requeue=False)
+                self.stats.reject("down", "loop", f"message from link {self.config.name} routed back to it")
+                return None
+            if "compression" in headers:
+                delivery.reject(requeue=False)
+                self.stats.reject("down", "malformed", COMPRESSED)
+                return None
         if "user_id" in properties:
             properties = {k: v for k, v in properties.items() if k != "user_id"}
         if isinstance(source.address, ReplyAddress):
@@ -306,12 +367,19 @@ class ControlRelay(Relay):
                 method = parsed.method if parsed is not None else None
                 self.stats.reject("down", "method", f"method {method!r} is not allowed down {address.topic}")
                 return None
+            if parsed is not None:
+                try:
+                    parsed.check_request()
+                except envelope.EnvelopeError as e:
+                    delivery.reject(requeue=False)
+                    self.stats.reject("down", "malformed", str(e))
+                    return None
             if parsed is not None and parsed.is_call:
                 limit = self.config.limits.max_call_timeout
                 deadline = now + min(expiration if expiration is not None else limit, limit)
                 try:
                     token = self.owner.signer.issue(
-                        self.config.name, parsed.msg_id or "", parsed.reply_queue or "", deadline
+                        self.config.name, "down", parsed.msg_id or "", parsed.reply_queue or "", deadline
                     )
                 except TokenError as e:
                     delivery.reject(requeue=False)
@@ -325,7 +393,7 @@ class ControlRelay(Relay):
         """A control server answered a tenant's call: restore and send it down."""
         try:
             parsed = envelope.parse(delivery.body)
-            token = self.owner.signer.verify(self.config.name, parsed.msg_id or "")
+            token = self.owner.signer.verify(self.config.name, "up", parsed.msg_id or "")
         except (envelope.EnvelopeError, TokenError) as e:
             delivery.reject(requeue=False)
             self.stats.reject("down", "unsolicited-reply", str(e))
@@ -345,24 +413,34 @@ class ControlRelay(Relay):
         limit = self.config.limits.max_message_size
         if len(message.body) > limit:
             raise Refusal("too-large", f"{len(message.body)} bytes, the limit is {limit}")
-        properties = self._stamped(message.properties)
         address = message.address
+        if isinstance(address, CanaryAddress):
+            self._canary_back(message.body)  # ends here: never published
+            return None
+        headers = message.properties.get("headers")
+        if headers and "compression" in headers:
+            raise Refusal("malformed", COMPRESSED)
+        properties = self._stamped(message.properties)
         if isinstance(address, RpcAddress):
             return self._rpc_up(address, properties, message.body)
         if isinstance(address, NotificationAddress):
             return self._notification_up(address, properties, message.body)
-        if isinstance(address, CanaryAddress):
-            self._canary_back(message.body)
-            return None
         return self._reply_up(properties, message.body)
 
     def _stamped(self, properties: Any) -> dict[str, Any]:
-        """Drop what the tenant must not set; stamp the link's identity."""
-        stamped = {k: v for k, v in properties.items() if k != "user_id"}
-        _expiration_seconds(stamped)  # refuse garbage RabbitMQ would choke on
-        headers = dict(stamped.get("headers") or {})
-        headers[IDENTITY_HEADER] = self.config.name
-        stamped["headers"] = headers
+        """
+        Keep only the properties oslo uses, insist on oslo's content type and
+        encoding, and replace the headers with the link's identity.
+
+        @raise Refusal: for a content type or encoding other than oslo's, or
+            an expiration RabbitMQ would refuse.
+        """
+        for name, value in OSLO_CONTENT.items():
+            if properties.get(name) != value:
+                raise Refusal("malformed", f"{name} must be {value!r}, as oslo.messaging sends it"[:200])
+        stamped = {name: value for name, value in properties.items() if name in UPSTREAM_PROPERTIES}
+        _expiration_seconds(stamped)
+        stamped["headers"] = {IDENTITY_HEADER: self.config.name}
         return stamped
 
     def _up_rule(self, address: RpcAddress) -> RpcRule | None:
@@ -383,7 +461,11 @@ class ControlRelay(Relay):
         parsed = _parse(body)
         method = parsed.method
         if method is None or not rule.allows_method(method):
-            raise Refusal("method", f"method {method!r} is not allowed on {_describe(address)}")
+            raise Refusal("method", f"method {method!r} is not allowed on {_describe(address)}"[:300])
+        try:
+            parsed.check_request()
+        except envelope.EnvelopeError as e:
+            raise Refusal("malformed", str(e)) from None
         deadline = None
         if parsed.is_call:
             limits = self.config.limits
@@ -393,7 +475,7 @@ class ControlRelay(Relay):
             now = self.clock.seconds()
             deadline = now + min(expiration if expiration is not None else limits.max_call_timeout, limits.max_call_timeout)
             try:
-                token = self.owner.signer.issue(self.config.name, parsed.msg_id or "", parsed.reply_queue or "", deadline)
+                token = self.owner.signer.issue(self.config.name, "up", parsed.msg_id or "", parsed.reply_queue or "", deadline)
             except TokenError as e:
                 raise Refusal("malformed", str(e)) from None
             body = parsed.with_inner(_msg_id=token, _reply_q=self.owner.routes.reply_queue)
@@ -412,7 +494,7 @@ class ControlRelay(Relay):
     def _reply_up(self, properties: dict[str, Any], body: bytes) -> Publication:
         parsed = _parse(body)
         try:
-            token = self.owner.signer.verify(self.config.name, parsed.msg_id or "")
+            token = self.owner.signer.verify(self.config.name, "down", parsed.msg_id or "")
         except TokenError as e:
             raise Refusal("unsolicited-reply", f"reply for a call this link was not asked: {e}") from None
         if self.clock.seconds() >= token.deadline:
@@ -420,7 +502,8 @@ class ControlRelay(Relay):
         if parsed.inner.get("ending"):
             self.owner.calls.answered(parsed.msg_id or "")
         body = parsed.with_inner(_msg_id=token.msg_id)
-        return Publication(Destination("", token.reply_queue, mandatory=True), properties, body)
+        retry_until = min(token.deadline, self.clock.seconds() + RETURN_RETRY_LIMIT)
+        return Publication(Destination("", token.reply_queue, mandatory=True), properties, body, retry_until=retry_until)
 
 
 def _parse(body: bytes) -> envelope.Envelope:

@@ -35,7 +35,7 @@ from twisted.python.failure import Failure
 
 from msgmux.amqp import wire
 from msgmux.amqp.broker import BrokerService
-from msgmux.amqp.channel import Channel, ChannelLost, Delivery
+from msgmux.amqp.channel import Channel, ChannelLost, Delivery, PublishReturned
 from msgmux.amqp.protocol import BrokerProtocol
 from msgmux.link.codec import Address, CanaryAddress, Message, NotificationAddress, RpcAddress
 from msgmux.link.protocol import LinkProtocol, MessageTooLarge
@@ -48,6 +48,18 @@ REBUILD_DELAY = 1.0
 
 #: Seconds before re-publishing a message the broker refused (nack).
 REPUBLISH_DELAY = 1.0
+
+#: Seconds between attempts to deliver a returned reply, and for how long at
+#: most: oslo's own server waits 0.25 s between attempts, for 60 s
+#: (missing_destination_retry_timeout).
+RETURN_RETRY_DELAY = 0.25
+RETURN_RETRY_LIMIT = 60.0
+
+#: The REJECT reasons of docs/protocol.md.  A peer's reason outside this set
+#: is counted as "other", so that it cannot mint metric series at will.
+REJECT_REASONS = frozenset(
+    ("route", "method", "too-large", "malformed", "inflight", "unsolicited-reply", "late-reply", "undeliverable", "internal")
+)
 
 
 class Refusal(Exception):
@@ -66,12 +78,17 @@ class Publication:
 
     @ivar deadline: Unix time after which the message is dropped rather than
         published; its remaining time becomes the AMQP C{expiration}.
+    @ivar retry_until: for a mandatory publish (a reply), Unix time until
+        which a publish the broker returns is tried again, as oslo's server
+        retries a reply whose queue is missing; after it, the message is
+        dropped and counted as undeliverable.
     """
 
     destination: Destination
     properties: dict[str, Any]
     body: bytes
     deadline: float | None = None
+    retry_until: float | None = None
 
 
 def kind_of(address: Address) -> str:
@@ -367,7 +384,7 @@ class Relay:
     def message_refused(self, token: tuple[Delivery, str], reason: str) -> None:
         delivery = token[0]
         delivery.reject(requeue=False)
-        self.stats.count("refused_by_peer", direction=self.direction_out, reason=reason[:40])
+        self.stats.count("refused_by_peer", direction=self.direction_out, reason=reason if reason in REJECT_REASONS else "other")
 
     # --- inbound: link -> broker ------------------------------------------
 
@@ -377,6 +394,14 @@ class Relay:
         except Refusal as refusal:
             self.link.refuse(message.seq, refusal.reason)
             self.stats.reject(self.direction_in, refusal.reason, refusal.detail)
+            self.return_credit(1)
+            return
+        except Exception:
+            # A bug of ours, or input nobody foresaw: this message is
+            # refused, the session and every other message carry on.
+            self._log.failure("Link {link}: could not handle a message from the peer; refusing it", link=self.stats.link)
+            self.link.refuse(message.seq, "internal")
+            self.stats.reject(self.direction_in, "internal", "unexpected error (logged)")
             self.return_credit(1)
             return
         if publication is None:
@@ -425,6 +450,22 @@ class Relay:
         if isinstance(error, ChannelLost):
             return  # _channel_lost moved it back to the unpublished queue
         if self._unconfirmed.pop(entry.seq, None) is None:
+            return
+        if isinstance(error, PublishReturned):
+            retry_until = entry.publication.retry_until
+            if retry_until is not None and self.clock.seconds() + RETURN_RETRY_DELAY < retry_until:
+                self.clock.callLater(RETURN_RETRY_DELAY, self._retry, entry)
+            else:
+                # As oslo's server does after its retries: give up on it.
+                self.stats.count("undeliverable", direction=self.direction_in)
+                self._log.warn(
+                    "Link {link}: no queue took a {kind} for {key!r} on the {broker} broker; dropped it",
+                    link=self.stats.link,
+                    kind=entry.kind,
+                    key=entry.publication.destination.routing_key,
+                    broker=self.broker.name,
+                )
+                self._settled(entry.seq)
             return
         self.stats.count("nacked", direction=self.direction_in)
         self._log.warn(

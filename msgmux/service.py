@@ -27,8 +27,10 @@ from twisted.logger import Logger
 from msgmux.amqp.broker import BrokerService
 from msgmux.config import Config, ConfigError, ControlConfig, LinkConfig, TenantConfig, load
 from msgmux.control import ControlLink, ControlLinkFactory
+from msgmux.keeper import ReplyQueueKeeper
 from msgmux.metrics import MetricsSite, MsgmuxCollector
 from msgmux.oslo.tokens import TokenSigner
+from msgmux.oslo.topology import OsloTopology
 from msgmux.tenant import TenantLink, TenantLinkFactory
 
 __all__ = ["ControlHalf", "MsgmuxService", "TenantHalf"]
@@ -58,6 +60,9 @@ class ControlHalf:
         self.listeners: dict[str, StreamServerEndpointService] = {}
         for link in config.links:
             self._add(link)
+        self.keeper = ReplyQueueKeeper(
+            self.broker, OsloTopology(config.broker.queues, config.broker.exchange), lambda: list(self.links)
+        )
 
     def _add(self, link: LinkConfig) -> None:
         self.links[link.name] = ControlLink(link, self.config, self.broker, self.signer, self.reactor)
@@ -82,6 +87,7 @@ class ControlHalf:
         self._log.info("Link {link}: listening on {socket} (mode {mode:o})", link=link.name, socket=link.socket, mode=link.socket_mode)
 
     def start(self) -> None:
+        self.keeper.start()
         self.broker.startService()
         for link in self.config.links:
             self._listen(link)
@@ -134,6 +140,7 @@ class ControlHalf:
         await defer.DeferredList(drains, consumeErrors=True)
         for link in self.links.values():
             link.calls.cancel_all()
+        self.keeper.stop()
         await self.broker.stopService()
 
 
@@ -153,8 +160,16 @@ class TenantHalf:
             retryPolicy=backoffPolicy(initialDelay=0.2, maxDelay=5.0),
             clock=reactor,
         )
+        # The link's name is known from the configuration, or once a
+        # session told it.
+        self.keeper = ReplyQueueKeeper(self.broker, self.link.topology, self._link_names)
+
+    def _link_names(self) -> list[str]:
+        name = self.link.routes.link if self.link.routes is not None else self.config.link
+        return [name] if name else []
 
     def start(self) -> None:
+        self.keeper.start()
         self.broker.startService()
         self.client.startService()
 
@@ -163,6 +178,7 @@ class TenantHalf:
         if relay is not None and relay.active:
             await relay.drain(DRAIN_TIMEOUT)
         await self.client.stopService()
+        self.keeper.stop()
         await self.broker.stopService()
 
 

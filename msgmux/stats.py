@@ -23,6 +23,10 @@ __all__ = ["LinkStats"]
 LOG_BURST = 5
 LOG_WINDOW = 60.0
 
+#: Characters of a rejection's detail that are logged (details quote what
+#: the peer sent).
+LOGGED_DETAIL = 300
+
 
 class LinkStats:
     """
@@ -96,6 +100,6 @@ class LinkStats:
                 link=self.link,
                 direction=direction,
                 reason=reason,
-                detail=detail,
+                detail=detail[:LOGGED_DETAIL],
                 **fields,
             )

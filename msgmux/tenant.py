@@ -23,7 +23,7 @@ from msgmux.config import TenantConfig
 from msgmux.link.codec import CanaryAddress, Message, ReplyAddress, Welcome
 from msgmux.link.protocol import LinkProtocol, SessionHandler, TenantLinkProtocol
 from msgmux.oslo.topology import ExchangeSpec, OsloTopology, QueueSpec
-from msgmux.relay import Publication, Refusal, Relay
+from msgmux.relay import RETURN_RETRY_LIMIT, Publication, Refusal, Relay
 from msgmux.routing import Destination, LinkRoutes, Source, canary_queue_name, publish_topology, sources
 from msgmux.stats import LinkStats
 
@@ -120,6 +120,13 @@ class TenantRelay(Relay):
     def inbound(self, message: Message) -> Publication:
         if isinstance(message.address, CanaryAddress):
             return Publication(Destination("", canary_queue_name(self.routes.link)), dict(message.properties), message.body)
-        if isinstance(message.address, ReplyAddress) and not message.address.queue:
-            raise Refusal("malformed", "reply without a reply queue")
+        if isinstance(message.address, ReplyAddress):
+            if not message.address.queue:
+                raise Refusal("malformed", "reply without a reply queue")
+            retry_until = self.clock.seconds() + RETURN_RETRY_LIMIT
+            if message.deadline is not None:
+                retry_until = min(retry_until, message.deadline)
+            return Publication(
+                self._destination(message.address), dict(message.properties), message.body, message.deadline, retry_until
+            )
         return Publication(self._destination(message.address), dict(message.properties), message.body, message.deadline)

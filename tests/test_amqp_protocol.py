@@ -18,7 +18,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from msgmux.amqp import wire
-from msgmux.amqp.channel import Channel, ChannelLost, PublishRefused
+from msgmux.amqp.channel import Channel, ChannelLost, PublishRefused, PublishReturned
 from msgmux.amqp.protocol import BrokerDelegate, BrokerProtocol
 
 
@@ -40,11 +40,18 @@ def make_protocol(clock: Clock | None = None, heartbeat: int = 0) -> tuple[Broke
     return protocol, transport, channel
 
 
-def deliver_frames(tag: int, properties: dict[str, Any], body: bytes, frame_max: int = 131072) -> bytes:
+def return_frames(exchange: str, routing_key: str, body: bytes) -> bytes:
+    """A basic.return (NO_ROUTE) with its content, as RabbitMQ sends it for an unroutable mandatory publish."""
+    method = struct.pack(">HHH", 60, 50, 312) + wire._shortstr("NO_ROUTE") + wire._shortstr(exchange) + wire._shortstr(routing_key)
+    header = struct.pack(">HHQ", 60, 0, len(body)) + wire.encode_properties({})
+    return wire.frame(wire.FRAME_METHOD, 1, method) + wire.frame(wire.FRAME_HEADER, 1, header) + wire.frame(wire.FRAME_BODY, 1, body)
+
+
+def deliver_frames(tag: int, properties: dict[str, Any], body: bytes, frame_max: int = 131072, redelivered: bool = False) -> bytes:
     method = (
         struct.pack(">HH", 60, 60)
         + wire._shortstr("ctag")
-        + struct.pack(">QB", tag, 0)
+        + struct.pack(">QB", tag, 1 if redelivered else 0)
         + wire._shortstr("openstack")
         + wire._shortstr("l3_agent")
     )
@@ -158,6 +165,36 @@ class ConfirmTests(SynchronousTestCase):
         protocol.dataReceived(wire.frame(wire.FRAME_METHOD, 1, struct.pack(">HHQB", 60, 80, 3, 0)))
         self.assertEqual(results[3], None)
         self.assertEqual(channel.unconfirmed, 0)
+
+    def test_returned_mandatory_publish(self) -> None:
+        """A basic.return marks the oldest unconfirmed mandatory publish to that destination; its confirm then reports it."""
+        protocol, transport, channel = make_protocol()
+        channel._confirming = True
+        results: list[Any] = []
+        channel.publish("", "reply_a", {}, b"1", mandatory=True).addBoth(results.append)
+        channel.publish("", "reply_b", {}, b"2", mandatory=True).addBoth(results.append)
+        channel.publish("", "reply_b", {}, b"3", mandatory=True).addBoth(results.append)
+        channel.publish("openstack", "t", {}, b"4").addBoth(results.append)
+        protocol.dataReceived(return_frames("", "reply_b", b"2"))
+        protocol.dataReceived(wire.frame(wire.FRAME_METHOD, 1, struct.pack(">HHQB", 60, 80, 4, 1)))
+        self.assertEqual(len(results), 4)
+        self.assertEqual([r is None for r in results], [True, False, True, True])
+        self.assertTrue(results[1].check(PublishReturned))
+        self.assertEqual((channel._mandatory, channel._returned), ({}, set()))
+
+    def test_delivery_callback_failure(self) -> None:
+        """A delivery our consumer fails on is requeued once; failing again on its redelivery, it is dropped."""
+        protocol, transport, channel = make_protocol()
+
+        def broken(delivery: Any) -> None:
+            raise RuntimeError("bug")
+
+        channel._consumers["ctag"] = broken
+        transport.clear()
+        protocol.dataReceived(deliver_frames(1, {}, b"x"))
+        protocol.dataReceived(deliver_frames(2, {}, b"x", redelivered=True))
+        self.assertEqual(transport.value(), wire.encode_reject(1, 1, True) + wire.encode_reject(1, 2, False))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
 
     def test_channel_loss_fails_pending(self) -> None:
         """Unconfirmed publishes fail with ChannelLost when the connection goes."""

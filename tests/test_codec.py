@@ -290,6 +290,29 @@ class RefusalTests(SynchronousTestCase):
             array[2:4] = [kind, address]
             self.assert_refused(cbor2.dumps(array), (kind, address))
 
+    def test_msg_address_names_are_short_strings(self) -> None:
+        """Names longer than an AMQP short string (255 UTF-8 bytes) are refused, in every address field."""
+        long_ascii, long_utf8 = "t" * 256, "é" * 128
+        for kind, address in [
+            (0, [long_ascii, "t", None, False]), (0, [None, long_utf8, None, False]), (0, [None, "t", long_ascii, False]),
+            (1, [long_ascii, "t", "info"]), (1, [None, long_utf8, "info"]), (1, [None, "t", long_ascii]), (2, [long_ascii]),
+        ]:  # fmt: skip
+            array = _valid_msg()
+            array[2:4] = [kind, address]
+            self.assert_refused(cbor2.dumps(array), (kind, address))
+        array = _valid_msg()
+        array[2:4] = [0, [None, "t" * 255, "é" * 127, False]]
+        codec.decode_frame(cbor2.dumps(array))
+
+    def test_fanout_flag_is_a_boolean_even_when_cached(self) -> None:
+        """0 and 1 are not booleans, even right after the same address was decoded with False."""
+        array = _valid_msg()
+        array[2:4] = [0, [None, "cached", None, False]]
+        codec.decode_frame(cbor2.dumps(array))
+        for fanout in (0, 1):
+            array[3] = [None, "cached", None, fanout]
+            self.assert_refused(cbor2.dumps(array), fanout)
+
     def test_msg_property_names(self) -> None:
         """Unknown property names, and a properties value that is not a map, are refused."""
         for properties in ({"contentType": "x"}, {"x-custom": "x"}, {"": 1}, [], None, "headers"):

@@ -133,6 +133,11 @@ BAD = [
         "control.links[0].notifications_up[0].topic",
     ),
     ("quorum with ha", CONTROL + "[control.queues]\nrabbit_quorum_queue = true\nrabbit_ha_queues = true", "control.queues.rabbit_quorum_queue"),
+    (
+        "transient quorum with ha",
+        TENANT + "[tenant.queues]\nrabbit_transient_quorum_queue = true\nrabbit_ha_queues = true",
+        "tenant.queues.rabbit_transient_quorum_queue",
+    ),
     ("stream without transient quorum", TENANT + "[tenant.queues]\nrabbit_stream_fanout = true", "tenant.queues.rabbit_stream_fanout"),
     ("negative ttl", CONTROL + "[control.queues]\nrabbit_transient_queues_ttl = -1", "control.queues.rabbit_transient_queues_ttl"),
     ("bool for int ttl", CONTROL + "[control.queues]\nrabbit_transient_queues_ttl = true", "control.queues.rabbit_transient_queues_ttl"),

@@ -93,6 +93,29 @@ class ParseTests(SynchronousTestCase):
         self.assertEqual(envelope, parse(body(cast())))
 
 
+class CheckRequestTests(SynchronousTestCase):
+    """Requests whose call fields oslo would read differently from msgmux."""
+
+    def test_casts_and_calls_pass(self) -> None:
+        """A cast (neither field) and a call (both, as text) are fine."""
+        parse(body(cast())).check_request()
+        parse(body(call())).check_request()
+
+    def test_half_calls_and_mistyped_ids(self) -> None:
+        """One field without the other, empty ones, or ids of another JSON type are refused."""
+        for inner in (
+            call(_msg_id=1),
+            call(_msg_id=True),
+            call(_msg_id=None),
+            call(_reply_q=["reply_x"]),
+            call(_msg_id=""),
+            call(_reply_q=""),
+            {**cast(), "_msg_id": "m1"},
+            {**cast(), "_reply_q": "reply_victim"},
+        ):
+            self.assertRaises(EnvelopeError, parse(body(inner)).check_request)
+
+
 class WithInnerTests(SynchronousTestCase):
     """Rewriting inner keys."""
 
@@ -151,6 +174,13 @@ class ErrorTests(SynchronousTestCase):
         """Bodies that are not JSON are refused."""
         for data in (b"", b"{", b"not json", b"\xff\xfe\x00", b'{"oslo.version": "2.0",}', b"\x80abc"):
             self.refuse(data)
+
+    def test_only_utf8(self) -> None:
+        """UTF-16 and UTF-32 JSON, which json.loads would detect on bytes, are refused: oslo's consumers decode UTF-8."""
+        text = json.dumps({"oslo.version": "2.0", "oslo.message": json.dumps(call())})
+        for encoding in ("utf-16", "utf-16-le", "utf-32", "utf-8-sig"):
+            self.refuse(text.encode(encoding))
+        parse(text.encode("utf-8"))
 
     def test_not_object(self) -> None:
         """A JSON body that is not an object is refused."""

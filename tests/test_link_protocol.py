@@ -111,7 +111,7 @@ class HandshakeTests(SynchronousTestCase):
 
     def test_busy_link(self) -> None:
         """A second tenant half for a link that has one is refused with 'busy'."""
-        pair = LinkPair(attach=lambda protocol: None)
+        pair = LinkPair(attach=lambda protocol: "link tenant-a already has a tenant half connected")
         self.assertIn("busy", pair.tenant.close_reason)
         self.assertFalse(pair.tenant.established)
 
@@ -241,6 +241,43 @@ class FlowTests(SynchronousTestCase):
         self.assertEqual(codec.FrameDecoder().feed(transport.value()), [codec.Ack((1, 2, 3))])
 
 
+    def test_unacknowledged_too_long(self) -> None:
+        """A peer that never acknowledges a message loses the session once ACK_TIMEOUT passed (its broker redelivers)."""
+        from msgmux.link.protocol import ACK_TIMEOUT
+
+        pair = LinkPair()
+        pair.control.grant(2)
+        pair.pump.flush()
+        pair.tenant.send_message(message(), "held")
+        pair.pump.flush()
+        elapsed = 0.0
+        while elapsed < ACK_TIMEOUT - 5:
+            pair.clock.advance(5.0)
+            pair.pump.flush()
+            elapsed += 5.0
+        self.assertTrue(pair.tenant.established)
+        for _ in range(3):
+            pair.clock.advance(5.0)
+            pair.pump.flush()
+        self.assertFalse(pair.tenant.established)
+        self.assertIn("ack-timeout", pair.tenant.close_reason)
+
+    def test_acknowledged_messages_never_time_out(self) -> None:
+        """Steady traffic that is acknowledged keeps the session up however long it runs."""
+        pair = LinkPair()
+        pair.control.grant(1)
+        pair.pump.flush()
+        for index in range(200):
+            pair.tenant.send_message(message(), index)
+            pair.pump.flush()
+            pair.control.acknowledge(index + 1)
+            pair.control.grant(1)
+            pair.clock.advance(2.0)
+            pair.pump.flush()
+        self.assertTrue(pair.tenant.established)
+        self.assertLessEqual(len(pair.tenant._send_times), 2)
+
+
 class ViolationTests(SynchronousTestCase):
     def test_garbage(self) -> None:
         """Bytes that are not a frame close the link with bad-frame, and observers hear of it."""
@@ -275,6 +312,34 @@ class ViolationTests(SynchronousTestCase):
         self.assertEqual(pair.control.close_reason, "peer closed: shutdown: bye")
         self.assertEqual(pair.control_handler.ended, ["peer closed: shutdown: bye"])
         self.assertEqual(pair.violations, [])
+
+
+class HandshakeLimitTests(SynchronousTestCase):
+    def test_small_frames_until_hello(self) -> None:
+        """Before HELLO the control half accepts only small frames; after it, the link's limit."""
+        from msgmux.link.protocol import HANDSHAKE_MAX_FRAME
+
+        clock = Clock()
+        control = ControlLinkProtocol(clock, 5.0, 10 * 1024 * 1024, "a", ROUTES, lambda p: RecordingHandler())
+        transport = StringTransport()
+        control.makeConnection(transport)
+        self.assertEqual(control.decoder.max_frame, HANDSHAKE_MAX_FRAME)
+        control.dataReceived(codec.encode(codec.Hello((1,), "a", "t")))
+        self.assertEqual(control.decoder.max_frame, 10 * 1024 * 1024)
+        welcome = codec.FrameDecoder().feed(transport.value())[0]
+        self.assertEqual(welcome.max_frame, 10 * 1024 * 1024)
+
+        early = ControlLinkProtocol(clock, 5.0, 10 * 1024 * 1024, "a", ROUTES, lambda p: RecordingHandler())
+        early.makeConnection(StringTransport())
+        early.dataReceived(struct.pack(">I", HANDSHAKE_MAX_FRAME + 1))
+        self.assertIn("bad-frame", early.close_reason)
+
+    def test_long_peer_text_is_cut_in_logs(self) -> None:
+        """A peer's CLOSE detail is kept to a few hundred characters."""
+        pair = LinkPair()
+        pair.tenant.transport.write(codec.encode(codec.Close("x" * 100, "y" * 100000)))
+        pair.pump.flush()
+        self.assertLess(len(pair.control.close_reason), 300)
 
 
 class HeartbeatTests(SynchronousTestCase):

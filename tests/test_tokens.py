@@ -1,6 +1,7 @@
 """
-Tests for L{msgmux.oslo.tokens}: signed reply tokens verify only for the link
-and key they were issued under, and anything else is a L{TokenError}.
+Tests for L{msgmux.oslo.tokens}: signed reply tokens verify only for the link,
+direction and key they were issued under, and anything else is a
+L{TokenError}; canaries only from a holder of the key.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from msgmux.oslo.tokens import ReplyToken, TokenError, TokenSigner
 
 KEY = b"k" * 32
 SIGNER = TokenSigner(KEY)
-TOKEN = SIGNER.issue("tenant-a", "6a1c0e2f3b4d", "reply_0123abcd", 1700000000.25)
-PREFIX = "mmx1."
+TOKEN = SIGNER.issue("tenant-a", "down", "6a1c0e2f3b4d", "reply_0123abcd", 1700000000.25)
+PREFIX = "mmx2."
 #: What may follow the prefix: the base64url alphabet, the separator, padding and noise.
 ASCII_TAIL = string.ascii_letters + string.digits + "-_.=+/ \0"
 #: Text without lone surrogates: issue() cannot encode those yet (UnicodeEncodeError, reported).
@@ -41,12 +42,12 @@ class RoundTripTests(SynchronousTestCase):
 
     def test_round_trip(self) -> None:
         """verify() returns the msg_id, reply queue and deadline given to issue()."""
-        token = SIGNER.verify("tenant-a", TOKEN)
+        token = SIGNER.verify("tenant-a", "down", TOKEN)
         self.assertIsInstance(token, ReplyToken)
         self.assertEqual((token.msg_id, token.reply_queue, token.deadline), ("6a1c0e2f3b4d", "reply_0123abcd", 1700000000.25))
 
     def test_shape(self) -> None:
-        """Tokens are short printable ASCII with the mmx1. prefix, usable as an oslo _msg_id."""
+        """Tokens are short printable ASCII with the mmx2. prefix, usable as an oslo _msg_id."""
         self.assertTrue(TOKEN.startswith(PREFIX))
         self.assertEqual(TOKEN.count("."), 2)
         self.assertTrue(set(TOKEN) <= set(string.ascii_letters + string.digits + "-_."), TOKEN)
@@ -54,20 +55,20 @@ class RoundTripTests(SynchronousTestCase):
 
     def test_deadline_rounded(self) -> None:
         """Deadlines keep millisecond precision and come back as floats."""
-        self.assertEqual(SIGNER.verify("l", SIGNER.issue("l", "m", "r", 12.3456789)).deadline, 12.346)
-        deadline = SIGNER.verify("l", SIGNER.issue("l", "m", "r", 5)).deadline
+        self.assertEqual(SIGNER.verify("l", "down", SIGNER.issue("l", "down", "m", "r", 12.3456789)).deadline, 12.346)
+        deadline = SIGNER.verify("l", "down", SIGNER.issue("l", "down", "m", "r", 5)).deadline
         self.assertEqual((deadline, type(deadline)), (5.0, float))
 
     def test_unicode_fields(self) -> None:
         """Non-ASCII ids and queue names survive; the token itself stays ASCII."""
-        token = SIGNER.issue("tenant-ü", "msg-é", "reply-☃", 1.0)
+        token = SIGNER.issue("tenant-ü", "down", "msg-é", "reply-☃", 1.0)
         self.assertTrue(token.isascii())
-        verified = SIGNER.verify("tenant-ü", token)
+        verified = SIGNER.verify("tenant-ü", "down", token)
         self.assertEqual((verified.msg_id, verified.reply_queue), ("msg-é", "reply-☃"))
 
     def test_shared_key(self) -> None:
         """Another signer with the same key verifies the token (control halves share reply_key_file)."""
-        self.assertEqual(TokenSigner(KEY).verify("tenant-a", TOKEN).msg_id, "6a1c0e2f3b4d")
+        self.assertEqual(TokenSigner(KEY).verify("tenant-a", "down", TOKEN).msg_id, "6a1c0e2f3b4d")
 
     def test_short_key(self) -> None:
         """Keys shorter than 16 bytes are refused; 16 bytes are enough."""
@@ -78,11 +79,12 @@ class RoundTripTests(SynchronousTestCase):
     @given(UNICODE, UNICODE, st.floats(min_value=0, max_value=2**40), UNICODE.filter(bool))
     def test_round_trip_property(self, msg_id: str, reply_queue: str, deadline: float, link: str) -> None:
         """Any ids, deadline and link round-trip, and no other link accepts the token."""
-        token = SIGNER.issue(link, msg_id, reply_queue, deadline)
-        verified = SIGNER.verify(link, token)
+        token = SIGNER.issue(link, "down", msg_id, reply_queue, deadline)
+        verified = SIGNER.verify(link, "down", token)
         self.assertEqual((verified.msg_id, verified.reply_queue), (msg_id, reply_queue))
         self.assertEqual(verified.deadline, round(deadline, 3))
-        self.assertRaises(TokenError, SIGNER.verify, link + "x", token)
+        self.assertRaises(TokenError, SIGNER.verify, link + "x", "down", token)
+        self.assertRaises(TokenError, SIGNER.verify, link, "up", token)
 
 
 class RefusalTests(SynchronousTestCase):
@@ -90,7 +92,7 @@ class RefusalTests(SynchronousTestCase):
 
     def refuse(self, token: str, link: str = "tenant-a", signer: TokenSigner = SIGNER) -> None:
         """Assert that C{signer} refuses C{token} on C{link}."""
-        self.assertRaises(TokenError, signer.verify, link, token)
+        self.assertRaises(TokenError, signer.verify, link, "down", token)
 
     def test_other_link(self) -> None:
         """A token issued for one link is refused on another."""
@@ -98,10 +100,15 @@ class RefusalTests(SynchronousTestCase):
         self.refuse(TOKEN, "tenant-a ")
         self.refuse(TOKEN, "")
 
+    def test_other_direction(self) -> None:
+        """A token of a call relayed one way does not verify for the other: a tenant cannot pass its own call's token off as a reply."""
+        self.refuse(SIGNER.issue("tenant-a", "up", "m", "reply_victim", 1.0))
+        self.assertRaises(TokenError, SIGNER.verify, "tenant-a", "up", TOKEN)
+
     def test_other_key(self) -> None:
         """A token signed under another key is refused."""
         self.refuse(TOKEN, signer=TokenSigner(b"x" * 32))
-        self.refuse(TokenSigner(b"x" * 32).issue("tenant-a", "6a1c0e2f3b4d", "reply_0123abcd", 1700000000.25))
+        self.refuse(TokenSigner(b"x" * 32).issue("tenant-a", "down", "6a1c0e2f3b4d", "reply_0123abcd", 1700000000.25))
 
     def test_tampered_payload(self) -> None:
         """Changing any character of the payload breaks the signature."""
@@ -111,7 +118,7 @@ class RefusalTests(SynchronousTestCase):
 
     def test_swapped_payload(self) -> None:
         """A payload naming another reply queue, with the original signature, is refused."""
-        payload = b64(cbor2.dumps(["6a1c0e2f3b4d", "reply_attacker", 1700000000.25]))
+        payload = b64(cbor2.dumps(["6a1c0e2f3b4d", "reply_attacker", 1700000000.25, 0]))
         self.refuse(PREFIX + payload + TOKEN[TOKEN.rindex(".") :])
 
     def test_tampered_mac(self) -> None:
@@ -133,27 +140,34 @@ class RefusalTests(SynchronousTestCase):
             self.refuse(token)
 
     def test_not_prefixed(self) -> None:
-        """Strings without the mmx1. prefix, such as plain oslo msg_ids, are refused."""
-        for token in ("", "6a1c0e2f3b4d", TOKEN[len(PREFIX) :], "mmx2." + TOKEN[len(PREFIX) :], "MMX1." + TOKEN[len(PREFIX) :], " " + TOKEN):
+        """Strings without the mmx2. prefix, such as plain oslo msg_ids, are refused."""
+        for token in ("", "6a1c0e2f3b4d", TOKEN[len(PREFIX) :], "mmx1." + TOKEN[len(PREFIX) :], "MMX2." + TOKEN[len(PREFIX) :], " " + TOKEN):
             self.refuse(token)
 
     def test_garbage(self) -> None:
         """Garbage after the prefix is refused."""
-        for token in ("mmx1.!!!.???", "mmx1.a.b", "mmx1.a.b.c", "mmx1.====.====", "mmx1.\0.\0", "mmx1.AAAA.AAAAAAAAAAAAAAAAAAAAAA"):
+        for token in ("mmx2.!!!.???", "mmx2.a.b", "mmx2.a.b.c", "mmx2.====.====", "mmx2.\0.\0", "mmx2.AAAA.AAAAAAAAAAAAAAAAAAAAAA"):
             self.refuse(token)
 
     def test_overlong(self) -> None:
         """Tokens longer than 1024 characters are refused, even when correctly signed."""
-        long_token = SIGNER.issue("tenant-a", "m" * 1000, "r", 1.0)
+        long_token = SIGNER.issue("tenant-a", "down", "m" * 1000, "r", 1.0)
         self.assertGreater(len(long_token), 1024)
         self.refuse(long_token)
         self.refuse(TOKEN + "A" * 1024)
 
     def test_signed_garbage(self) -> None:
         """A correctly signed payload that is not [str, str, number] is still a TokenError."""
-        for value in (b"\xff", cbor2.dumps([1, "r", 2.0]), cbor2.dumps(["m", "r"]), cbor2.dumps(["m", "r", True]), cbor2.dumps({"a": 1})):
+        for value in (
+            b"\xff",
+            cbor2.dumps([1, "r", 2.0, 0]),
+            cbor2.dumps(["m", "r", 2.0]),
+            cbor2.dumps(["m", "r", True, 0]),
+            cbor2.dumps(["m", "r", 2.0, "0"]),
+            cbor2.dumps({"a": 1}),
+        ):
             payload = b64(value)
-            mac = b64(SIGNER._mac("tenant-a", payload))
+            mac = b64(SIGNER._mac("tenant-a", "down", payload))
             self.refuse(f"{PREFIX}{payload}.{mac}")
 
     @settings(deadline=None)
@@ -167,3 +181,50 @@ class RefusalTests(SynchronousTestCase):
     def test_arbitrary_prefixed_ascii(self, tail: str) -> None:
         """Arbitrary ASCII after the prefix is refused with TokenError and nothing else."""
         self.refuse(PREFIX + tail)
+
+
+class SerialTests(SynchronousTestCase):
+    def test_tokens_are_unique(self) -> None:
+        """Two calls with the same ids and deadline get different tokens (each counts against the in-flight limit)."""
+        first = SIGNER.issue("l", "down", "m", "r", 10.0)
+        second = SIGNER.issue("l", "down", "m", "r", 10.0)
+        self.assertNotEqual(first, second)
+        self.assertEqual(SIGNER.verify("l", "down", first).msg_id, SIGNER.verify("l", "down", second).msg_id)
+
+    def test_unknown_direction(self) -> None:
+        """Only "down" and "up" are directions."""
+        self.assertRaises(ValueError, SIGNER.issue, "l", "sideways", "m", "r", 1.0)
+        self.assertRaises(ValueError, SIGNER.verify, "l", "sideways", TOKEN)
+
+
+class CanaryTests(SynchronousTestCase):
+    """Canaries prove a link's health, so only the key holder can make them."""
+
+    def test_round_trip(self) -> None:
+        """A canary verifies for its link and gives back its send time."""
+        self.assertEqual(SIGNER.verify_canary("tenant-a", SIGNER.canary("tenant-a", 1700000000.125)), 1700000000.125)
+
+    def test_refused(self) -> None:
+        """Canaries of another link or key, tampered, oversized or garbage are refused with TokenError."""
+        good = SIGNER.canary("tenant-a", 100.5)
+        bodies = [
+            SIGNER.canary("tenant-b", 100.5),
+            TokenSigner(b"x" * 32).canary("tenant-a", 100.5),
+            good.replace(b"100.5", b"101.5"),
+            b'{"sent": "100.5", "link": "tenant-a"}',
+            b'{"sent": 100.5, "link": "tenant-a", "mac": "x"}',
+            b'{"sent": "nan", "link": "tenant-a", "mac": "x"}',
+            b'{"sent": "1' + b"0" * 400 + b'", "link": "tenant-a", "mac": "x"}',
+            b"[" * 100000,
+            b"\xff\xfe",
+            b"not json",
+            good + b" " * 600,
+        ]
+        for body in bodies:
+            self.assertRaises(TokenError, SIGNER.verify_canary, "tenant-a", body)
+
+    @settings(deadline=None)
+    @given(st.binary(max_size=600))
+    def test_arbitrary_bytes(self, body: bytes) -> None:
+        """Arbitrary bytes are refused with TokenError and nothing else."""
+        self.assertRaises(TokenError, SIGNER.verify_canary, "tenant-a", body)

@@ -219,6 +219,10 @@ class PublishTests(SynchronousTestCase):
     def test_frames(self, channel: int, exchange: str, key: str, properties: dict[str, Any], body: bytes,
                     frame_max: int, mandatory: bool) -> None:  # fmt: skip
         """The frames carry the method, the properties and the body split in frames of at most frame_max bytes."""
+        if 12 + len(wire.encode_properties(properties)) > frame_max - 8:
+            # A content header is never split: one too large for frame_max is refused.
+            self.assertRaises(wire.WireError, wire.encode_publish, channel, exchange, key, properties, body, frame_max, mandatory)
+            return
         parts = wire.encode_publish(channel, exchange, key, properties, body, frame_max, mandatory)
         frames = _parse_frames(b"".join(parts))
         (method_type, _, method), (header_type, _, header), *bodies = frames
@@ -297,11 +301,18 @@ class RegressionTests(SynchronousTestCase):
 
     def test_frame_max_zero_or_tiny(self) -> None:
         """frame_max 0 (no limit) sends the whole body in one frame; a tiny one still sends it all."""
-        for frame_max, frames in ((0, 3), (8, 102)):
+        for frame_max, frames, piece in ((0, 3, 100), (22, 10, 14)):
             parts = wire.encode_publish(1, "", "", {}, b"x" * 100, frame_max)
             data = b"".join(parts)
             self.assertEqual(data.count(b"\xce"), frames, frame_max)
-            self.assertIn(b"x" * (100 if frame_max == 0 else 1), data)
+            self.assertIn(b"x" * piece, data)
+            self.assertNotIn(b"x" * (piece + 1), data)
+
+    def test_header_larger_than_frame_max(self) -> None:
+        """A content header that does not fit one frame is refused, never written (RabbitMQ would drop the connection)."""
+        properties = {"headers": {"blob": "x" * 200000}}
+        self.assertRaises(wire.WireError, wire.encode_publish, 1, "", "q", properties, b"body", 131072)
+        wire.encode_publish(1, "", "q", {"headers": {"blob": "x" * 100000}}, b"body", 131072)
 
     def test_trailing_bytes_without_properties(self) -> None:
         """Junk after empty property flags is refused, as it is after present properties."""

@@ -31,6 +31,13 @@ class PublishRefused(Exception):
     """The broker nacked a publish (internal error or a queue refusing it)."""
 
 
+class PublishReturned(Exception):
+    """
+    The broker returned a mandatory publish: no queue was bound to take it
+    (for a reply, the caller's reply queue does not exist right now).
+    """
+
+
 def _fire(confirmed: defer.Deferred[None], error: Exception | None) -> None:
     if error is None:
         confirmed.callback(None)
@@ -105,6 +112,13 @@ class Channel:
         self._confirms: dict[int, tuple[Callable[[Any, Exception | None], None], Any]] = {}
         self._publish_tag = 0
         self._confirming = False
+        # Mandatory publishes awaiting their confirm, by tag (in publish
+        # order), with where they went; and those the broker returned.
+        # RabbitMQ sends basic.return before the basic.ack of the same
+        # message, so a return belongs to the oldest unconfirmed mandatory
+        # publish to that exchange and routing key.
+        self._mandatory: dict[int, tuple[str, str]] = {}
+        self._returned: set[int] = set()
         # Delivery tags of a channel are consecutive from 1.  Every tag below
         # _low is settled (acked or rejected); _settled holds settled tags
         # above it.  This lets one basic.ack with multiple=True settle a
@@ -263,6 +277,8 @@ class Channel:
             return
         self._publish_tag += 1
         self._confirms[self._publish_tag] = (outcome, argument)
+        if mandatory:
+            self._mandatory[self._publish_tag] = (exchange, routing_key)
 
     def redeclare_exchange(self, name: str, kind: str, durable: bool, auto_delete: bool) -> None:
         """
@@ -329,9 +345,14 @@ class Channel:
                 done.append(pending)
         else:
             done = [tag] if tag in confirms else []
+        mandatory, returned = self._mandatory, self._returned
         for t in done:
             outcome, argument = confirms.pop(t)
-            outcome(argument, None if ok else PublishRefused(f"broker refused publish {t}"))
+            error: Exception | None = None if ok else PublishRefused(f"broker refused publish {t}")
+            if mandatory and mandatory.pop(t, None) is not None and t in returned:
+                returned.discard(t)
+                error = PublishReturned(f"broker returned publish {t}: no queue took it")
+            outcome(argument, error)
 
     def delivered(
         self,
@@ -354,13 +375,23 @@ class Channel:
         try:
             callback(delivery)
         except Exception:
-            self._log.failure("Consumer {tag} failed on a delivery; requeueing it", tag=consumer_tag)
-            delivery.reject(requeue=True)
+            # Requeued once; a message that fails again is dropped (or
+            # dead-lettered by the queue's policy) instead of looping forever.
+            self._log.failure(
+                "Consumer {tag} failed on a delivery; {action}",
+                tag=consumer_tag,
+                action="dropping it (it failed before)" if redelivered else "requeueing it once",
+            )
+            delivery.reject(requeue=not redelivered)
 
     def returned(
         self, code: int, text: str, exchange: str, routing_key: str, properties: dict[str, Any], body: bytes
     ) -> None:
         """The broker could not route a mandatory publish."""
+        for tag, destination in self._mandatory.items():
+            if destination == (exchange, routing_key) and tag not in self._returned:
+                self._returned.add(tag)
+                break
         for observer in list(self.return_observers):
             observer(code, text, exchange, routing_key, properties, body)
 
@@ -377,6 +408,8 @@ class Channel:
         self.lost_reason = reason
         self._consumers.clear()
         confirms, self._confirms = self._confirms, {}
+        self._mandatory.clear()
+        self._returned.clear()
         for outcome, argument in confirms.values():
             outcome(argument, ChannelLost(str(reason.value)))
         for observer in list(self.lost_observers):

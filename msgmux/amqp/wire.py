@@ -478,6 +478,10 @@ def encode_publish(
             _publish_frames.clear()
         _publish_frames[key] = method_frame
     header = _CONTENT_HEAD.pack(BASIC, 0, len(body)) + encode_properties(properties)
+    if frame_max > 0 and len(header) > frame_max - 8:
+        # The content header cannot be split: RabbitMQ would close the whole
+        # connection over it.
+        raise WireError(f"content header of {len(header)} bytes exceeds frame_max {frame_max}")
     if 0 < len(body) <= SMALL_BODY and (frame_max <= 0 or len(body) <= frame_max - 8):
         # One string for a small message: cheaper to join than to hand the
         # transport five pieces.

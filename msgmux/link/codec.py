@@ -399,6 +399,9 @@ _ADDRESS_CACHE_LIMIT = 4096
 def _decode_address(kind: object, address: list[Any]) -> Address:
     if type(kind) is not int:
         raise FrameError("MSG kind must be an unsigned integer")
+    if kind == KIND_RPC and len(address) == 4 and type(address[3]) is not bool:
+        # Checked before the cache: 0 == False would find a cached address.
+        raise FrameError("bad RPC address: fanout must be a boolean")
     try:
         key = (kind, *address)
         cached = _ADDRESSES.get(key)
@@ -414,20 +417,33 @@ def _decode_address(kind: object, address: list[Any]) -> Address:
     return decoded
 
 
+#: Longest name in an address, in UTF-8 bytes: exchange names, routing keys
+#: and queue names are AMQP short strings.
+MAX_NAME = 255
+
+
+def _is_name(value: object) -> bool:
+    return type(value) is str and len(value) <= MAX_NAME and len(value.encode("utf-8")) <= MAX_NAME  # type: ignore[attr-defined]
+
+
+def _optional_name(value: object) -> bool:
+    return value is None or _is_name(value)
+
+
 def _check_address(kind: int, address: list[Any]) -> Address:
     if kind == KIND_RPC and len(address) == 4:
         exchange, topic, server, fanout = address
-        _expect(_optional_str(exchange) and _is_str(topic) and _optional_str(server), "bad RPC address")
+        _expect(_optional_name(exchange) and _is_name(topic) and _optional_name(server), "bad RPC address")
         _expect(type(fanout) is bool, "bad RPC address: fanout must be a boolean")
         return RpcAddress(exchange, topic, server, fanout)
     if kind == KIND_NOTIFICATION and len(address) == 3:
         exchange, topic, priority = address
-        _expect(_optional_str(exchange) and _is_str(topic) and _is_str(priority), "bad notification address")
+        _expect(_optional_name(exchange) and _is_name(topic) and _is_name(priority), "bad notification address")
         return NotificationAddress(exchange, topic, priority)
     if kind == KIND_CANARY and not address:
         return CanaryAddress()
     if kind == KIND_REPLY and len(address) == 1:
-        _expect(_optional_str(address[0]), "bad reply address")
+        _expect(_optional_name(address[0]), "bad reply address")
         return ReplyAddress(address[0])
     raise FrameError(f"bad message kind {kind!r} or address {address!r}"[:200])
 

@@ -13,6 +13,7 @@ relay of that half).
 
 from __future__ import annotations
 
+import collections
 import os
 import socket
 import struct
@@ -45,6 +46,21 @@ HANDSHAKE_TIMEOUT = 10.0
 
 #: Sequence numbers acknowledged per ACK frame at most.
 ACK_BATCH = 256
+
+#: Largest frame the control half accepts before the handshake completes:
+#: HELLO is small, and a peer that has not said who it is gets no room to
+#: make the control half buffer megabytes.
+HANDSHAKE_MAX_FRAME = 16 * 1024
+
+#: Characters of peer-supplied text (CLOSE details, HELLO software) logged.
+LOGGED_TEXT = 200
+
+#: Seconds a sent message may stay unacknowledged before the session is
+#: closed (its broker then redelivers it, possibly to a competing consumer).
+#: A half whose broker blocks publishing holds messages legitimately, but not
+#: for minutes; one that holds them forever starves the other consumers of
+#: a shared queue.
+ACK_TIMEOUT = 300.0
 
 
 class SessionHandler(Protocol):
@@ -112,6 +128,10 @@ class LinkProtocol(TwistedProtocol):
         self._next_seq = 1
         self._expected_seq = 1
         self._unacked: dict[int, Any] = {}
+        # (seq, when sent) for at most one message per second, oldest first:
+        # enough to tell the age of the oldest unacknowledged message to
+        # within a second, in bounded memory.
+        self._send_times: collections.deque[tuple[int, float]] = collections.deque()
         self._pending_acks: list[int] = []
         self._pending_credit = 0
         self._flush_call: Any = None
@@ -155,6 +175,7 @@ class LinkProtocol(TwistedProtocol):
             self.close_reason = f"connection lost: {reason.getErrorMessage()}"
         handler, self.handler = self.handler, None
         self._unacked.clear()
+        self._send_times.clear()
         if handler is not None and self.session is not None:
             handler.session_ended(self.close_reason)
 
@@ -225,10 +246,9 @@ class LinkProtocol(TwistedProtocol):
         if isinstance(frame, Heartbeat):
             return
         if isinstance(frame, Close):
-            self.close_reason = f"peer closed: {frame.code}: {frame.detail}"
-            self._log.info(
-                "Link {link}: peer closed ({code}): {detail}", link=self.link_name or "?", code=frame.code, detail=frame.detail
-            )
+            code, detail = frame.code[:40], frame.detail[:LOGGED_TEXT]
+            self.close_reason = f"peer closed: {code}: {detail}"
+            self._log.info("Link {link}: peer closed ({code}): {detail}", link=self.link_name or "?", code=code, detail=detail)
             self.transport.loseConnection()
             return
         if not self.established:
@@ -284,7 +304,10 @@ class LinkProtocol(TwistedProtocol):
         self.send_credit -= 1
         self._unacked[seq] = token
         self.transport.writeSequence([struct.pack(">I", len(payload)), payload])
-        self._last_sent = self.clock.seconds()
+        self._last_sent = now = self.clock.seconds()
+        times = self._send_times
+        if not times or now - times[-1][1] >= 1.0:
+            times.append((seq, now))
 
     @property
     def unacknowledged(self) -> int:
@@ -334,10 +357,30 @@ class LinkProtocol(TwistedProtocol):
             increment, self._pending_credit = self._pending_credit, 0
             self._write(Credit(increment))
 
+    def _oldest_unacknowledged(self) -> tuple[int, float] | None:
+        """
+        @return: the oldest unacknowledged message and (to within a second,
+            never less) how long ago it was sent, or L{None}.
+        """
+        # Dicts keep insertion order, and sequence numbers are inserted in
+        # increasing order: the first key is the oldest outstanding one.
+        oldest = next(iter(self._unacked), None)
+        times = self._send_times
+        if oldest is None:
+            return None
+        while len(times) > 1 and times[1][0] <= oldest:
+            times.popleft()
+        if not times or times[0][0] > oldest:
+            return None
+        return oldest, self.clock.seconds() - times[0][1]
+
     def _check_heartbeat(self) -> None:
         now = self.clock.seconds()
+        stuck = self._oldest_unacknowledged()
         if now - self._last_received > 3 * self.heartbeat:
             self.close("heartbeat-timeout", f"nothing received for {now - self._last_received:.1f}s")
+        elif stuck is not None and stuck[1] > ACK_TIMEOUT:
+            self.close("ack-timeout", f"MSG {stuck[0]} unacknowledged for {stuck[1]:.0f}s")
         elif now - self._last_sent >= self.heartbeat * 0.9:
             self._write(Heartbeat())
 
@@ -372,12 +415,13 @@ class ControlLinkProtocol(LinkProtocol):
         max_frame: int,
         link_name: str,
         routes: dict[str, Any],
-        attach: Callable[[ControlLinkProtocol], SessionHandler | None],
+        attach: Callable[[ControlLinkProtocol], SessionHandler | str],
     ) -> None:
-        super().__init__(clock, heartbeat, max_frame)
+        super().__init__(clock, heartbeat, min(max_frame, HANDSHAKE_MAX_FRAME))
         self.link_name = link_name
         self._routes = routes
         self._attach = attach
+        self._session_max_frame = max_frame
         self.peer: tuple[int, int, int] | None = None
 
     def connectionMade(self) -> None:
@@ -404,23 +448,27 @@ class ControlLinkProtocol(LinkProtocol):
             self.close("wrong-link", f"this socket serves link {self.link_name!r}, not {hello.link!r}")
             return
         handler = self._attach(self)
-        if handler is None:
-            self.close("busy", f"link {self.link_name!r} already has a tenant half connected")
+        if isinstance(handler, str):
+            self.close("busy", handler)
             return
         self.handler = handler
         self.session = uuid.uuid4().hex
+        self.decoder.max_frame = self._session_max_frame
         self._write(
             Welcome(
                 version=codec.PROTOCOL_VERSION,
                 link=self.link_name,
                 session=self.session,
                 heartbeat=self.heartbeat,
-                max_frame=self.decoder.max_frame,
+                max_frame=self._session_max_frame,
                 routes=self._routes,
             )
         )
         self._log.info(
-            "Link {link}: session {session} up with {software}", link=self.link_name, session=self.session, software=hello.software
+            "Link {link}: session {session} up with {software}",
+            link=self.link_name,
+            session=self.session,
+            software=hello.software[:LOGGED_TEXT],
         )
         self._session_started()
 

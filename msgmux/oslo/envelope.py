@@ -60,6 +60,27 @@ class Envelope:
         """Whether this request expects a reply."""
         return self.msg_id is not None and self.reply_queue is not None
 
+    def check_request(self) -> None:
+        """
+        Refuse a request whose call fields an oslo server would read
+        differently from msgmux.
+
+        oslo's server answers any request whose C{_msg_id} is truthy, to
+        whatever C{_reply_q} says, whatever their JSON types.  msgmux
+        rewrites only calls whose two fields are non-empty text; a request
+        carrying one of them without the other, or either as another type,
+        would reach the server unrewritten and make it answer into an
+        arbitrary queue.  So it is refused.
+
+        @raise EnvelopeError: for such a request.
+        """
+        inner = self.inner
+        if "_msg_id" not in inner and "_reply_q" not in inner:
+            return
+        msg_id, reply_queue = inner.get("_msg_id"), inner.get("_reply_q")
+        if type(msg_id) is not str or type(reply_queue) is not str or not msg_id or not reply_queue:
+            raise EnvelopeError("a request with _msg_id or _reply_q needs both, as non-empty text")
+
     def with_inner(self, **changes: Any) -> bytes:
         """
         @param changes: inner keys to replace.
@@ -78,10 +99,13 @@ def parse(body: bytes) -> Envelope:
     @return: the envelope.
     @raise EnvelopeError: when the body is not an oslo 2.0 envelope.
     """
+    # Strictly UTF-8, as oslo's consumers decode it (content_encoding
+    # utf-8): json.loads on bytes would also accept UTF-16 and UTF-32, which
+    # a consumer would read differently.
     try:
-        outer = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise EnvelopeError(f"body is not JSON: {e}"[:200]) from None
+        outer = json.loads(body.decode("utf-8"))
+    except (ValueError, RecursionError) as e:
+        raise EnvelopeError(f"body is not UTF-8 JSON: {e}"[:200]) from None
     if type(outer) is not dict:
         raise EnvelopeError("body is not a JSON object")
     if outer.get("oslo.version") != OSLO_VERSION:

@@ -3,14 +3,16 @@
 Signed reply tokens.
 
 When the control half relays a call it replaces the request's C{_msg_id}
-with a token that carries the original C{_msg_id}, the original reply queue
-and the call's deadline, signed with HMAC-SHA256 under the control half's key
-and bound to the link name.  The server that answers echoes the token back as
+with a token that carries the original C{_msg_id}, the original reply queue,
+the call's deadline and a serial number, signed with HMAC-SHA256 under the
+control half's key and bound to the link name and the direction of the
+call.  The server that answers echoes the token back as
 the reply's C{_msg_id}; the control half verifies it and restores the
 original.  So:
 
  - a tenant can only answer calls that were really relayed to it, before
-   they expire, and cannot redirect a reply to another queue or link;
+   they expire, and cannot redirect a reply to another queue or link, nor
+   pass a token of one of its own calls off as a reply to a control caller;
  - the control half needs no table to route replies: control halves sharing
    the key (C{reply_key_file}) can answer each other's calls, and calls
    survive a restart of the control half.
@@ -23,13 +25,20 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import itertools
+import json
+import math
 
 import cbor2
 
 __all__ = ["ReplyToken", "TokenError", "TokenSigner"]
 
-_PREFIX = "mmx1."
+_PREFIX = "mmx2."
 _MAC_BYTES = 16
+
+#: Directions a call is relayed in: C{"down"} (a control caller, a tenant
+#: server) or C{"up"} (a tenant caller, a control server).
+DIRECTIONS = ("down", "up")
 
 
 class TokenError(ValueError):
@@ -68,14 +77,18 @@ class TokenSigner:
         if len(key) < 16:
             raise ValueError("reply token key must have at least 16 bytes")
         self._key = key
+        # Makes every token unique, so two calls with the same ids and
+        # deadline are still two calls (the in-flight limit counts tokens).
+        self._serials = itertools.count()
 
-    def _mac(self, link: str, payload: str) -> bytes:
-        message = b"msgmux-reply\0" + link.encode("utf-8") + b"\0" + payload.encode("ascii")
+    def _mac(self, link: str, direction: str, payload: str) -> bytes:
+        message = b"msgmux-reply\0" + link.encode("utf-8") + b"\0" + direction.encode("ascii") + b"\0" + payload.encode("ascii")
         return hmac.new(self._key, message, hashlib.sha256).digest()[:_MAC_BYTES]
 
-    def issue(self, link: str, msg_id: str, reply_queue: str, deadline: float) -> str:
+    def issue(self, link: str, direction: str, msg_id: str, reply_queue: str, deadline: float) -> str:
         """
         @param link: the link the call is relayed over.
+        @param direction: C{"down"} or C{"up"}, the way the call goes.
         @param msg_id: the caller's C{_msg_id}.
         @param reply_queue: the caller's C{_reply_q}.
         @param deadline: Unix time the call expires.
@@ -83,19 +96,24 @@ class TokenSigner:
         @raise TokenError: when the ids are not valid text (JSON allows lone
             surrogates, CBOR does not).
         """
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {DIRECTIONS}")
         try:
-            payload = _b64(cbor2.dumps([msg_id, reply_queue, round(deadline, 3)]))
+            payload = _b64(cbor2.dumps([msg_id, reply_queue, round(deadline, 3), next(self._serials)]))
         except (UnicodeEncodeError, ValueError, TypeError) as e:
             raise TokenError(f"cannot sign these call ids: {e}") from None
-        return f"{_PREFIX}{payload}.{_b64(self._mac(link, payload))}"
+        return f"{_PREFIX}{payload}.{_b64(self._mac(link, direction, payload))}"
 
-    def verify(self, link: str, token: str) -> ReplyToken:
+    def verify(self, link: str, direction: str, token: str) -> ReplyToken:
         """
         @param link: the link the reply came from.
+        @param direction: the way the call went (its reply comes back the
+            other way).
         @param token: the reply's C{_msg_id}.
         @return: what the token carries.
-        @raise TokenError: when it is not a token issued for C{link} by a
-            holder of this key.  Expiry is the caller's to check.
+        @raise TokenError: when it is not a token issued for C{link} and
+            C{direction} by a holder of this key.  Expiry is the caller's to
+            check.
         """
         if not token.startswith(_PREFIX) or len(token) > 1024 or not token.isascii():
             raise TokenError("not a msgmux reply token")
@@ -110,14 +128,55 @@ class TokenSigner:
             raise TokenError("malformed token") from None
         if not canonical:
             raise TokenError("token is not in canonical form")
-        if not hmac.compare_digest(given, self._mac(link, payload)):
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {DIRECTIONS}")
+        if not hmac.compare_digest(given, self._mac(link, direction, payload)):
             raise TokenError("token signature does not match")
         try:
-            msg_id, reply_queue, deadline = cbor2.loads(_unb64(payload))
+            msg_id, reply_queue, deadline, serial = cbor2.loads(_unb64(payload))
         except Exception:
             # Only reachable with a valid signature over garbage, i.e. a
             # key holder's bug; still never let it escape as another type.
             raise TokenError("malformed token payload") from None
-        if type(msg_id) is not str or type(reply_queue) is not str or type(deadline) not in (int, float):
+        if type(msg_id) is not str or type(reply_queue) is not str or type(deadline) not in (int, float) or type(serial) is not int:
             raise TokenError("malformed token payload")
         return ReplyToken(msg_id, reply_queue, float(deadline))
+
+    # --- canaries ---------------------------------------------------------
+
+    def canary(self, link: str, sent: float) -> bytes:
+        """
+        @param link: the link the canary goes round.
+        @param sent: when it was sent (Unix time).
+        @return: a canary body only a holder of this key can make, so that a
+            tenant half cannot fake the health of its link.
+        """
+        text = repr(float(sent))
+        mac = hmac.new(self._key, b"msgmux-canary\0" + link.encode("utf-8") + b"\0" + text.encode("ascii"), hashlib.sha256)
+        return json.dumps({"link": link, "sent": text, "mac": _b64(mac.digest()[:_MAC_BYTES])}).encode("ascii")
+
+    def verify_canary(self, link: str, body: bytes) -> float:
+        """
+        @param link: the link the canary came back on.
+        @param body: its body.
+        @return: when it was sent.
+        @raise TokenError: unless C{body} is a canary this key made for C{link}.
+        """
+        if len(body) > 512:
+            raise TokenError("not a canary: too long")
+        try:
+            document = json.loads(body.decode("ascii"))
+            text, mac = document["sent"], document["mac"]
+            if type(text) is not str or type(mac) is not str or document.get("link") != link:
+                raise TokenError("not a canary of this link")
+            expected = json.loads(self.canary(link, float(text)).decode("ascii"))
+        except TokenError:
+            raise
+        except Exception as e:  # ValueError, KeyError, TypeError, OverflowError...
+            raise TokenError(f"not a canary: {type(e).__name__}") from None
+        if expected["sent"] != text or not hmac.compare_digest(expected["mac"].encode(), mac.encode()):
+            raise TokenError("canary signature does not match")
+        sent = float(text)
+        if not math.isfinite(sent):
+            raise TokenError("canary time is not finite")
+        return sent

@@ -10,6 +10,7 @@ refuses gets there, and that what passes carries the link's identity.
 
 from __future__ import annotations
 
+import json
 import struct
 import time
 from typing import Any
@@ -60,16 +61,20 @@ class TrustTests(LabTestCase):
         """A permitted cast reaches the control broker with the link's identity, whatever the tenant claimed."""
         half, link, probe = await self._start()
         tenant = await connect_raw(reactor, self.socket_path("tenant-a"))
+        # CC and BCC would make RabbitMQ route the message to more queues.
+        headers = {IDENTITY_HEADER: "tenant-b", "other": 1, "CC": ["l3_agent.agent-1"], "BCC": ["q-plugin.ctl-1"]}
         seq = tenant.send_message(
-            RpcAddress(None, "q-reports"),
-            REPORT,
-            {"headers": {IDENTITY_HEADER: "tenant-b", "other": 1}, "user_id": "admin"},
+            RpcAddress(None, "q-reports"), REPORT, {"headers": headers, "user_id": "admin", "reply_to": "reply_victim"}
         )
         self.assertEqual(await tenant.wait_outcome(seq), "ack")
         await tenant.wait_for(lambda: len(probe.received) == 1)
+        await self._settle()
+        self.assertEqual(len(probe.received), 1)
         delivery = probe.received[0]
-        self.assertEqual(delivery.properties["headers"], {IDENTITY_HEADER: "tenant-a", "other": 1})
+        self.assertEqual(delivery.routing_key, "q-reports")
+        self.assertEqual(delivery.properties["headers"], {IDENTITY_HEADER: "tenant-a"})
         self.assertNotIn("user_id", delivery.properties)
+        self.assertNotIn("reply_to", delivery.properties)
         self.assertEqual(delivery.body, REPORT)
         self.assertEqual(link.stats.get("relayed", direction="up"), 1)
 
@@ -86,8 +91,17 @@ class TrustTests(LabTestCase):
             (RpcAddress(None, "q-reports"), b"not json", {}, "malformed"),
             (RpcAddress(None, "q-reports"), oslo_body({"args": {}}), {}, "method"),  # no method at all
             (RpcAddress(None, "q-reports"), REPORT, {"expiration": "soon"}, "malformed"),
+            (RpcAddress(None, "q-reports"), REPORT, {"expiration": "\u0663"}, "malformed"),  # an Arabic-Indic digit
             (NotificationAddress(None, "notifications", "error"), oslo_body({"event_type": "x"}), {}, "route"),
             (NotificationAddress(None, "secrets", "info"), oslo_body({"event_type": "x"}), {}, "route"),
+            # What the server would decode differently from what msgmux checked:
+            (RpcAddress(None, "q-reports"), REPORT, {"content_type": "application/x-python-serialize"}, "malformed"),
+            (RpcAddress(None, "q-reports"), REPORT, {"content_encoding": "utf-7"}, "malformed"),
+            (RpcAddress(None, "q-reports"), REPORT.decode().encode("utf-16"), {}, "malformed"),
+            (RpcAddress(None, "q-reports"), REPORT, {"headers": {"compression": "application/x-gzip"}}, "malformed"),
+            # A call msgmux would not rewrite, answered by oslo into any queue:
+            (RpcAddress(None, "q-reports"), oslo_body({"method": "report_state", "_msg_id": 1, "_reply_q": "reply_victim"}), {}, "malformed"),
+            (RpcAddress(None, "q-reports"), oslo_body({"method": "report_state", "_msg_id": "m1"}), {}, "malformed"),
         ]
         for address, body, properties, reason in cases:
             seq = tenant.send_message(address, body, properties)
@@ -101,6 +115,7 @@ class TrustTests(LabTestCase):
         self.assertEqual(link.stats.get("rejected", direction="up"), len(cases))
         self.assertEqual(link.stats.get("rejected", direction="up", reason="route"), 6)
         self.assertEqual(link.stats.get("rejected", direction="up", reason="method"), 2)
+        self.assertEqual(link.stats.get("rejected", direction="up", reason="malformed"), 9)
 
     async def test_replies_only_for_real_calls(self) -> None:
         """Forged, foreign, garbage and late reply tokens are refused; nothing reaches the control broker."""
@@ -111,9 +126,11 @@ class TrustTests(LabTestCase):
         now = time.time()
         tokens = {
             "reply_0123456789abcdef": "unsolicited-reply",  # a bare oslo reply queue name
-            TokenSigner(b"x" * 32).issue("tenant-a", "m1", "reply_victim", now + 60): "unsolicited-reply",
-            half.signer.issue("tenant-b", "m1", "reply_victim", now + 60): "unsolicited-reply",
-            half.signer.issue("tenant-a", "m1", "reply_victim", now - 1): "late-reply",
+            TokenSigner(b"x" * 32).issue("tenant-a", "down", "m1", "reply_victim", now + 60): "unsolicited-reply",
+            half.signer.issue("tenant-b", "down", "m1", "reply_victim", now + 60): "unsolicited-reply",
+            # The token of a call the tenant itself made (up) is no reply to a control caller.
+            half.signer.issue("tenant-a", "up", "m1", "reply_victim", now + 60): "unsolicited-reply",
+            half.signer.issue("tenant-a", "down", "m1", "reply_victim", now - 1): "late-reply",
         }
         for token, reason in tokens.items():
             body = oslo_body({"result": "pwned", "failure": None, "ending": True, "_msg_id": token})
@@ -121,8 +138,50 @@ class TrustTests(LabTestCase):
             self.assertEqual(await tenant.wait_outcome(seq), reason)
         await self._settle()
         self.assertEqual(probe.received, [])
-        self.assertEqual(link.stats.get("rejected", direction="up", reason="unsolicited-reply"), 3)
+        self.assertEqual(link.stats.get("rejected", direction="up", reason="unsolicited-reply"), 4)
         self.assertEqual(link.stats.get("rejected", direction="up", reason="late-reply"), 1)
+
+    async def test_reply_goes_only_to_its_caller(self) -> None:
+        """A genuine reply reaches its caller's queue only: BCC cannot copy it into a server's queue."""
+        half, link, probe = await self._start()
+        caller = BrokerProbe(reactor, self.lab.control_node.url(self.control_vhost))
+        await caller.start("reply_caller", [])
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(caller.stop()))
+        tenant = await connect_raw(reactor, self.socket_path("tenant-a"))
+        token = half.signer.issue("tenant-a", "down", "m1", "reply_caller", time.time() + 60)
+        body = oslo_body({"result": "ok", "failure": None, "ending": True, "_msg_id": token})
+        seq = tenant.send_message(ReplyAddress(), body, {"headers": {"BCC": ["q-reports"], "CC": ["probe"]}})
+        self.assertEqual(await tenant.wait_outcome(seq), "ack")
+        await tenant.wait_for(lambda: len(caller.received) == 1)
+        await self._settle()
+        self.assertEqual(probe.received, [])
+        inner = json.loads(json.loads(caller.received[0].body)["oslo.message"])
+        self.assertEqual((inner["_msg_id"], inner["result"]), ("m1", "ok"))
+
+    async def test_returned_reply_is_retried(self) -> None:
+        """A reply whose caller's queue is missing is retried, as oslo's server does, and arrives once the queue exists."""
+        half, link, probe = await self._start()
+        tenant = await connect_raw(reactor, self.socket_path("tenant-a"))
+        token = half.signer.issue("tenant-a", "down", "m2", "reply_late", time.time() + 60)
+        body = oslo_body({"result": "late", "failure": None, "ending": True, "_msg_id": token})
+        seq = tenant.send_message(ReplyAddress(), body)
+        await tenant.wait_for(lambda: link.stats.get("returned", direction="up") >= 2)
+        self.assertIsNone(tenant.outcome(seq))  # still held: not acknowledged, not refused
+        caller = BrokerProbe(reactor, self.lab.control_node.url(self.control_vhost))
+        await caller.start("reply_late", [])
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(caller.stop()))
+        self.assertEqual(await tenant.wait_outcome(seq), "ack")
+        await tenant.wait_for(lambda: len(caller.received) == 1)
+        self.assertEqual(link.stats.get("undeliverable", direction="up"), 0)
+
+    async def test_forged_canary(self) -> None:
+        """A canary the control half did not sign is refused and does not make the link healthy."""
+        half, link, probe = await self._start()
+        tenant = await connect_raw(reactor, self.socket_path("tenant-a"))
+        forged = json.dumps({"sent": time.time(), "link": "tenant-a"}).encode()
+        seq = tenant.send_message(codec.CanaryAddress(), forged)
+        self.assertEqual(await tenant.wait_outcome(seq), "malformed")
+        self.assertFalse(link.healthy())
 
     async def test_size_and_inflight_limits(self) -> None:
         """Messages over max_message_size and calls over max_inflight_calls are refused and counted."""
@@ -140,8 +199,8 @@ class TrustTests(LabTestCase):
         self.assertEqual(len(probe.received), 2)
         # Relayed calls carry a token and the control half's reply queue, not the tenant's.
         for delivery in probe.received:
-            inner = __import__("json").loads(__import__("json").loads(delivery.body)["oslo.message"])
-            self.assertTrue(inner["_msg_id"].startswith("mmx1."))
+            inner = json.loads(json.loads(delivery.body)["oslo.message"])
+            self.assertTrue(inner["_msg_id"].startswith("mmx2."))
             self.assertEqual(inner["_reply_q"], "reply_msgmux_tenant-a")
 
     async def test_protocol_violations_close_the_session(self) -> None:
@@ -216,6 +275,41 @@ class TrustTests(LabTestCase):
         await second.closed
         self.assertEqual(second.close_frame().code, "busy")
         self.assertEqual(await first.wait_outcome(first.send_message(RpcAddress(None, "q-reports"), REPORT)), "ack")
+
+    async def test_connections_before_handshake_are_limited(self) -> None:
+        """Sockets that never say HELLO are capped, and get no room for large frames; the real tenant half still connects."""
+        from msgmux.control import MAX_PENDING_CONNECTIONS
+
+        half, link, probe = await self._start()
+        idle = [await connect_raw(reactor, self.socket_path("tenant-a"), hello=False) for _ in range(MAX_PENDING_CONNECTIONS)]
+        refused = await connect_raw(reactor, self.socket_path("tenant-a"), hello=False)
+        await refused.closed
+        self.assertEqual(link.stats.get("connections_refused"), 1)
+        idle[0].send_raw(struct.pack(">I", 1024 * 1024))  # a large frame before HELLO
+        await idle[0].closed
+        self.assertEqual(idle[0].close_frame().code, "bad-frame")
+        for connection in idle[1:]:
+            connection.transport.loseConnection()
+            await connection.closed
+        tenant = await connect_raw(reactor, self.socket_path("tenant-a"))
+        self.assertEqual(await tenant.wait_outcome(tenant.send_message(RpcAddress(None, "q-reports"), REPORT)), "ack")
+
+    async def test_sessions_are_rate_limited(self) -> None:
+        """A tenant half that reconnects in a loop gets 'busy' after a burst, instead of costing the control broker a channel each time."""
+        from msgmux.control import SESSION_BURST
+
+        half, link, probe = await self._start()
+        codes = []
+        for _ in range(SESSION_BURST + 1):
+            tenant = await connect_raw(reactor, self.socket_path("tenant-a"), hello=False)
+            tenant.send(codec.Hello((codec.PROTOCOL_VERSION,), "tenant-a", "flapping"))
+            await tenant.wait_for(lambda: tenant.credit() > 0 or tenant.close_frame() is not None)
+            close = tenant.close_frame()
+            codes.append(close.code if close is not None else "welcome")
+            tenant.transport.loseConnection()
+            await tenant.closed
+        self.assertEqual(codes, ["welcome"] * SESSION_BURST + ["busy"])
+        self.assertEqual(link.stats.get("sessions_refused"), 1)
 
     async def test_tenant_cannot_claim_another_link(self) -> None:
         """A HELLO naming another link is refused."""
