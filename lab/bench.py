@@ -131,12 +131,16 @@ async def raw_relay_msgmux(lab: Lab, reactor: Any, count: int) -> dict[str, floa
     await lab.wait_for_log(control, "listening on")
     tenant = lab.spawn_half(tenant_config, "bench-tenant", in_tenant_network=False)
     pids = [control.transport.pid, tenant.transport.pid]
+    beam = lab.control_node.pid()
+    assert beam is not None
+    broker_before = cpu_seconds(beam)
     rate, cpu = await wait_moved(reactor, destination, "bench", count, pids)
+    broker = cpu_seconds(beam) - broker_before
     await control.stop()
     await tenant.stop()
     await source.stop()
     await destination.stop()
-    return {"rate": rate, "cpu_us_per_msg_per_half": cpu / count / 2 * 1e6}
+    return {"rate": rate, "cpu_us_per_msg_per_half": cpu / count / 2 * 1e6, "broker_cpu_us_per_msg": broker / count * 1e6}
 
 
 async def raw_relay_shovel(lab: Lab, reactor: Any, count: int, network: bool) -> dict[str, float]:

@@ -18,7 +18,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from msgmux.link import codec
 from msgmux.link.codec import Message, RpcAddress
 from msgmux.link.protocol import (
+    ACK_EAGER,
     HANDSHAKE_TIMEOUT,
+    SETTLE_DELAY,
     ControlLinkProtocol,
     LinkProtocol,
     MessageTooLarge,
@@ -176,6 +178,7 @@ class FlowTests(SynchronousTestCase):
         self.assertEqual(pair.tenant.unacknowledged, 3)
         for m in pair.control_handler.messages:
             pair.control.acknowledge(m.seq)
+        pair.clock.advance(SETTLE_DELAY)
         pair.pump.flush()
         self.assertEqual(pair.tenant_handler.acked, ["a", "b", "c"])
         self.assertEqual(pair.tenant.unacknowledged, 0)
@@ -224,21 +227,64 @@ class FlowTests(SynchronousTestCase):
         self.assertEqual(pair.tenant.send_credit, 1)
         self.assertEqual(pair.tenant.unacknowledged, 0)
 
-    def test_acks_are_batched(self) -> None:
-        """Acknowledgements within one reactor turn travel in one ACK frame."""
+    def _control_with_messages(self, count: int) -> tuple[Clock, ControlLinkProtocol, StringTransport]:
         clock = Clock()
         control = ControlLinkProtocol(clock, 5.0, 4096, "a", ROUTES, lambda p: RecordingHandler())
         transport = StringTransport()
         control.makeConnection(transport)
         control.dataReceived(codec.encode(codec.Hello((1,), "a", "t")))
         transport.clear()
-        control.receive_credit = 10
-        for seq in range(1, 4):
+        control.receive_credit = 100
+        for seq in range(1, count + 1):
             control.dataReceived(codec.encode(Message(seq, RpcAddress(None, "t"), {}, b"")))
+        return clock, control, transport
+
+    def test_acks_are_batched(self) -> None:
+        """A few acknowledgements wait up to SETTLE_DELAY and then travel in one ACK frame."""
+        clock, control, transport = self._control_with_messages(3)
+        for seq in range(1, 4):
+            control.acknowledge(seq)
+        clock.advance(0)
+        self.assertEqual(transport.value(), b"")
+        clock.advance(SETTLE_DELAY)
+        self.assertEqual(codec.FrameDecoder().feed(transport.value()), [codec.Ack((1, 2, 3))])
+
+    def test_many_acks_go_at_the_end_of_the_turn(self) -> None:
+        """ACK_EAGER or more pending acknowledgements do not wait: the sender's prefetch must not run dry."""
+        clock, control, transport = self._control_with_messages(ACK_EAGER)
+        for seq in range(1, ACK_EAGER + 1):
             control.acknowledge(seq)
         self.assertEqual(transport.value(), b"")
         clock.advance(0)
-        self.assertEqual(codec.FrameDecoder().feed(transport.value()), [codec.Ack((1, 2, 3))])
+        self.assertEqual(codec.FrameDecoder().feed(transport.value()), [codec.Ack(tuple(range(1, ACK_EAGER + 1)))])
+
+    def test_settlements_ride_with_a_message(self) -> None:
+        """Pending ACK and CREDIT go out in the same write as the next MSG, and nothing is sent again later."""
+        clock, control, transport = self._control_with_messages(2)
+        control.send_credit = 1
+        control.acknowledge(1)
+        control.grant(1)
+        control.send_message(message(b"reply"), "token")
+        frames = codec.FrameDecoder().feed(transport.value())
+        self.assertEqual([type(f).__name__ for f in frames], ["Ack", "Credit", "Message"])
+        self.assertEqual((frames[0], frames[1]), (codec.Ack((1,)), codec.Credit(1)))
+        transport.clear()
+        clock.advance(SETTLE_DELAY)
+        self.assertEqual(transport.value(), b"")
+
+    def test_credit_runs_low(self) -> None:
+        """Credit is granted at the end of the turn once the peer holds less than what waits to be granted."""
+        clock, control, transport = self._control_with_messages(0)
+        control.receive_credit = 0
+        control.grant(4)
+        clock.advance(0)
+        self.assertEqual(codec.FrameDecoder().feed(transport.value()), [codec.Credit(4)])
+        transport.clear()
+        control.grant(1)  # the peer still holds 4: this can wait
+        clock.advance(0)
+        self.assertEqual(transport.value(), b"")
+        clock.advance(SETTLE_DELAY)
+        self.assertEqual(codec.FrameDecoder().feed(transport.value()), [codec.Credit(1)])
 
 
     def test_unacknowledged_too_long(self) -> None:

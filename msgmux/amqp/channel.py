@@ -271,7 +271,7 @@ class Channel:
         parts = wire.encode_publish(
             self.number, exchange, routing_key, properties, body, self.protocol.MAX_LENGTH, mandatory
         )
-        self.protocol.write_frames(parts)
+        self.protocol.write_message(parts)
         if not self._confirming:
             outcome(argument, None)
             return

@@ -30,6 +30,7 @@ from txamqp.client import TwistedDelegate
 from txamqp.protocol import AMQClient
 
 from msgmux import __version__
+from msgmux._writethrough import Writer
 from msgmux.amqp import wire
 from msgmux.amqp.channel import Channel
 
@@ -109,6 +110,7 @@ class BrokerProtocol(AMQClient):
         self.blocked: str | None = None
         self.blocked_observers: list[Callable[[str | None], None]] = []
         self._last_received = clock.seconds()
+        self._writer = Writer(clock)
 
     # --- connection set-up ----------------------------------------------
 
@@ -344,11 +346,18 @@ class BrokerProtocol(AMQClient):
         self.fast_channels[number] = fast
         return fast
 
+    def write_message(self, parts: list[bytes]) -> None:
+        """
+        Write a message's pre-encoded frames (in order, untouched by
+        txAMQP), at once if the connection is quiet.
+        """
+        self._writer.urgent(self.transport, parts)
+
     def write_frames(self, parts: list[bytes]) -> None:
-        """Write pre-encoded frames (in order, untouched by txAMQP)."""
-        self.transport.writeSequence(parts)
+        """Write pre-encoded frames that can wait a turn (acks, rejects, declarations)."""
+        self._writer.lazy(self.transport, parts)
 
     def write_frame(self, data: bytes) -> None:
-        """Write one pre-encoded frame."""
-        self.transport.write(data)
+        """Write one pre-encoded frame that can wait a turn."""
+        self._writer.lazy(self.transport, (data,))
 

@@ -311,24 +311,36 @@ _REFUSED_TAGS = {
 }
 
 
-def decode_frame(payload: bytes) -> Frame:
+def _cbor_decoder(stream: io.BytesIO) -> Any:
+    return cbor2.CBORDecoder(
+        stream,
+        tag_hook=_refuse_tag,
+        semantic_decoders=_REFUSED_TAGS,
+        max_depth=32,
+        allow_indefinite=False,
+        strict_hashable_types=True,
+    )
+
+
+def decode_frame(payload: bytes, decoder: Any = None) -> Frame:
     """
     Decode one frame payload (the bytes after the length prefix).
 
     @param payload: CBOR bytes.
+    @param decoder: a CBOR decoder to reuse (building one with these
+        options costs more than decoding a small frame); L{FrameDecoder}
+        keeps one.  It carries nothing from one frame to the next: shared
+        references, the only CBOR feature with state, are refused.
     @return: the frame.
     @raise FrameError: for anything that is not a well-formed frame.
     """
     stream = io.BytesIO(payload)
     try:
-        array = cbor2.CBORDecoder(
-            stream,
-            tag_hook=_refuse_tag,
-            semantic_decoders=_REFUSED_TAGS,
-            max_depth=32,
-            allow_indefinite=False,
-            strict_hashable_types=True,
-        ).decode()
+        if decoder is None:
+            decoder = _cbor_decoder(stream)
+        else:
+            decoder.fp = stream
+        array = decoder.decode()
     except FrameError:
         raise
     except Exception as e:  # cbor2 raises CBORDecodeError, MemoryError, OverflowError...
@@ -571,6 +583,7 @@ class FrameDecoder:
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self.max_frame = max_frame
         self._buffer = bytearray()
+        self._cbor = _cbor_decoder(io.BytesIO())
 
     def feed(self, data: bytes) -> list[Frame]:
         """
@@ -591,7 +604,7 @@ class FrameDecoder:
                 break
             start = offset + 4
             offset = start + length
-            frames.append(decode_frame(bytes(buffer[start:offset])))
+            frames.append(decode_frame(bytes(buffer[start:offset]), self._cbor))
         del buffer[:offset]
         return frames
 

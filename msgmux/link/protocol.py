@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from msgmux import __version__
+from msgmux._writethrough import Writer
 from msgmux.link import codec
 from msgmux.link.codec import (
     Ack,
@@ -44,8 +45,20 @@ from msgmux.link.codec import (
 #: Seconds a new connection may take to complete the handshake.
 HANDSHAKE_TIMEOUT = 10.0
 
+_LENGTH = struct.Struct(">I")
+
 #: Sequence numbers acknowledged per ACK frame at most.
 ACK_BATCH = 256
+
+#: Seconds a few ACKs and a little CREDIT may wait to travel with the next
+#: MSG in the same write.  At low rates (a call at a time) this saves the
+#: peer one wakeup per message, which on a busy host costs more than the
+#: message itself; the wait never delays a message, only its settlement.
+SETTLE_DELAY = 0.005
+
+#: Pending ACKs that are sent at the end of the reactor turn instead of
+#: waiting: enough that the sender's broker prefetch never runs dry.
+ACK_EAGER = 8
 
 #: Largest frame the control half accepts before the handshake completes:
 #: HELLO is small, and a peer that has not said who it is gets no room to
@@ -117,6 +130,7 @@ class LinkProtocol(TwistedProtocol):
         self.clock = clock
         self.heartbeat = heartbeat
         self.decoder = codec.FrameDecoder(max_frame)
+        self._writer = Writer(clock)
         self.peer_max_frame = codec.DEFAULT_MAX_FRAME
         self.handler: SessionHandler | None = None
         self.session: str | None = None
@@ -279,8 +293,9 @@ class LinkProtocol(TwistedProtocol):
     # --- outgoing -----------------------------------------------------------
 
     def _write(self, frame: Frame) -> None:
+        """Write a control frame (sent with the next message, or next turn)."""
         payload = codec.encode_payload(frame)
-        self.transport.writeSequence([struct.pack(">I", len(payload)), payload])
+        self._writer.lazy(self.transport, (_LENGTH.pack(len(payload)), payload))
         self._last_sent = self.clock.seconds()
 
     def send_message(self, message: Message, token: Any) -> None:
@@ -303,7 +318,13 @@ class LinkProtocol(TwistedProtocol):
         self._next_seq += 1
         self.send_credit -= 1
         self._unacked[seq] = token
-        self.transport.writeSequence([struct.pack(">I", len(payload)), payload])
+        if self._pending_acks or self._pending_credit:
+            # Settlements waiting for a ride: one write, one wakeup of the peer.
+            parts = self._settlements()
+            parts += (_LENGTH.pack(len(payload)), payload)
+            self._writer.urgent(self.transport, parts)
+        else:
+            self._writer.urgent(self.transport, (_LENGTH.pack(len(payload)), payload))
         self._last_sent = now = self.clock.seconds()
         times = self._send_times
         if not times or now - times[-1][1] >= 1.0:
@@ -316,16 +337,20 @@ class LinkProtocol(TwistedProtocol):
 
     def acknowledge(self, seq: int) -> None:
         """
-        The message C{seq} from the peer is safely published: ACK it (batched
-        to the end of this reactor turn).
+        The message C{seq} from the peer is safely published: ACK it.
+
+        ACKs are batched: with the next MSG, at the end of this reactor
+        turn once L{ACK_EAGER} are pending, and at the latest after
+        L{SETTLE_DELAY}.
         """
         if self.close_reason is not None:
             return
-        self._pending_acks.append(seq)
-        if len(self._pending_acks) >= ACK_BATCH:
+        pending = self._pending_acks
+        pending.append(seq)
+        if len(pending) >= ACK_BATCH:
             self._flush()
         else:
-            self._schedule_flush()
+            self._schedule_flush(0 if len(pending) >= ACK_EAGER else SETTLE_DELAY)
 
     def refuse(self, seq: int, reason: str) -> None:
         """Refuse the peer's message C{seq} for good."""
@@ -333,16 +358,41 @@ class LinkProtocol(TwistedProtocol):
             self._write(Reject(seq, reason))
 
     def grant(self, increment: int) -> None:
-        """Allow the peer C{increment} more messages (batched)."""
+        """
+        Allow the peer C{increment} more messages (batched like ACKs, but
+        sent at the end of the turn once the peer holds less credit than is
+        waiting to be granted).
+        """
         if self.close_reason is not None or increment <= 0:
             return
         self.receive_credit += increment
         self._pending_credit += increment
-        self._schedule_flush()
+        peer_has = self.receive_credit - self._pending_credit
+        self._schedule_flush(0 if peer_has < self._pending_credit else SETTLE_DELAY)
 
-    def _schedule_flush(self) -> None:
-        if self._flush_call is None or not self._flush_call.active():
-            self._flush_call = self.clock.callLater(0, self._flush)
+    def _schedule_flush(self, delay: float) -> None:
+        call = self._flush_call
+        if call is not None and call.active():
+            if call.getTime() - self.clock.seconds() > delay:
+                call.reset(delay)
+            return
+        self._flush_call = self.clock.callLater(delay, self._flush)
+
+    def _settlements(self) -> list[bytes]:
+        """
+        @return: the pending ACK and CREDIT frames, encoded with their
+            lengths; they are no longer pending.
+        """
+        parts: list[bytes] = []
+        while self._pending_acks:
+            batch, self._pending_acks = self._pending_acks[:ACK_BATCH], self._pending_acks[ACK_BATCH:]
+            payload = codec.encode_payload(Ack(tuple(batch)))
+            parts += (_LENGTH.pack(len(payload)), payload)
+        if self._pending_credit:
+            increment, self._pending_credit = self._pending_credit, 0
+            payload = codec.encode_payload(Credit(increment))
+            parts += (_LENGTH.pack(len(payload)), payload)
+        return parts
 
     def _flush(self) -> None:
         if self._flush_call is not None and self._flush_call.active():
@@ -350,12 +400,10 @@ class LinkProtocol(TwistedProtocol):
         self._flush_call = None
         if self.transport is None or self.close_reason is not None and not self._pending_acks:
             return
-        while self._pending_acks:
-            batch, self._pending_acks = self._pending_acks[:ACK_BATCH], self._pending_acks[ACK_BATCH:]
-            self._write(Ack(tuple(batch)))
-        if self._pending_credit:
-            increment, self._pending_credit = self._pending_credit, 0
-            self._write(Credit(increment))
+        parts = self._settlements()
+        if parts:
+            self._writer.lazy(self.transport, parts)
+            self._last_sent = self.clock.seconds()
 
     def _oldest_unacknowledged(self) -> tuple[int, float] | None:
         """
