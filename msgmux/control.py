@@ -14,6 +14,7 @@ its C{max_rate}; the excess waits on the tenant broker.
 
 from __future__ import annotations
 
+import collections
 import re
 from typing import Any
 
@@ -62,6 +63,14 @@ SESSION_RATE = 1.0
 #: Canaries older than this when they come back are refused (a replay).
 CANARY_MAX_AGE = 3600.0
 
+#: oslo C{_unique_id}s of upstream messages a link remembers as published.
+#: A tenant broker redelivers what the tenant half had not acknowledged when
+#: its connection went, which includes messages already published here;
+#: oslo's own check remembers only the last 16 ids per listener, so without
+#: this they would reach the servers twice.  More than link window plus
+#: prefetch, the most that can be redelivered at once.
+RECENT_IDS = 2048
+
 _EXPIRATION = re.compile(r"[0-9]{1,10}", re.ASCII)
 
 #: Why a message compressed by kombu (oslo's kombu_compression) is refused:
@@ -100,6 +109,29 @@ class TokenBucket:
         return max(0.0, (1.0 - self.tokens) / self.rate)
 
 
+class RecentIds:
+    """The last C{size} ids added, for membership tests."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._order: collections.deque[str] = collections.deque()
+        self._ids: set[str] = set()
+
+    def add(self, value: str) -> None:
+        if value in self._ids:
+            return
+        self._ids.add(value)
+        self._order.append(value)
+        if len(self._order) > self.size:
+            self._ids.discard(self._order.popleft())
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._ids
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+
 class ControlLink:
     """
     Everything about one link that outlives its sessions: policy, counters,
@@ -130,6 +162,7 @@ class ControlLink:
         self.relay: ControlRelay | None = None
         self.last_canary: float | None = None
         self.stats.gauges["link_up"] = 0
+        self.published_ids: RecentIds = RecentIds(RECENT_IDS)
 
     def status(self) -> dict[str, Any]:
         """The link now, for C{/status} and C{msgmux status}."""
@@ -271,6 +304,10 @@ class ControlRelay(Relay):
 
     def publish_declarations(self) -> tuple[list[ExchangeSpec], list[QueueSpec]]:
         return publish_topology(self.config.up, self.config.notifications_up, self.owner.topology)
+
+    def published(self, publication: Publication) -> None:
+        assert publication.unique_id is not None
+        self.owner.published_ids.add(publication.unique_id)
 
     # --- credit pacing ----------------------------------------------------
 
@@ -454,7 +491,7 @@ class ControlRelay(Relay):
             return rule
         return None
 
-    def _rpc_up(self, address: RpcAddress, properties: dict[str, Any], body: bytes) -> Publication:
+    def _rpc_up(self, address: RpcAddress, properties: dict[str, Any], body: bytes) -> Publication | None:
         rule = self._up_rule(address)
         if rule is None:
             raise Refusal("route", f"no up route for {_describe(address)}")
@@ -466,6 +503,10 @@ class ControlRelay(Relay):
             parsed.check_request()
         except envelope.EnvelopeError as e:
             raise Refusal("malformed", str(e)) from None
+        unique_id = _unique_id(parsed)
+        if unique_id in self.owner.published_ids:
+            self.stats.count("duplicates_dropped", direction="up")
+            return None
         deadline = None
         if parsed.is_call:
             limits = self.config.limits
@@ -480,16 +521,19 @@ class ControlRelay(Relay):
                 raise Refusal("malformed", str(e)) from None
             body = parsed.with_inner(_msg_id=token, _reply_q=self.owner.routes.reply_queue)
             self.owner.calls.begin(token, deadline, "up")
-        return Publication(self._destination(address), properties, body, deadline)
+        return Publication(self._destination(address), properties, body, deadline, unique_id=unique_id)
 
-    def _notification_up(self, address: NotificationAddress, properties: dict[str, Any], body: bytes) -> Publication:
+    def _notification_up(self, address: NotificationAddress, properties: dict[str, Any], body: bytes) -> Publication | None:
         for rule in self.config.notifications_up:
             if rule.topic == address.topic and rule.exchange == address.exchange and address.priority in rule.priorities:
                 break
         else:
             raise Refusal("route", f"no up route for notification {address.topic}.{address.priority}")
-        _parse(body)
-        return Publication(self._destination(address), properties, body)
+        unique_id = _unique_id(_parse(body))
+        if unique_id in self.owner.published_ids:
+            self.stats.count("duplicates_dropped", direction="up")
+            return None
+        return Publication(self._destination(address), properties, body, unique_id=unique_id)
 
     def _reply_up(self, properties: dict[str, Any], body: bytes) -> Publication:
         parsed = _parse(body)
@@ -504,6 +548,11 @@ class ControlRelay(Relay):
         body = parsed.with_inner(_msg_id=token.msg_id)
         retry_until = min(token.deadline, self.clock.seconds() + RETURN_RETRY_LIMIT)
         return Publication(Destination("", token.reply_queue, mandatory=True), properties, body, retry_until=retry_until)
+
+
+def _unique_id(parsed: envelope.Envelope) -> str | None:
+    value = parsed.inner.get("_unique_id")
+    return value if type(value) is str and 0 < len(value) <= 64 else None
 
 
 def _parse(body: bytes) -> envelope.Envelope:

@@ -48,6 +48,11 @@ COUNTERS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "Replies dropped because the broker kept returning them (the caller's reply queue stayed missing).",
         ("direction",),
     ),
+    "duplicates_dropped": (
+        "msgmux_duplicates_dropped_total",
+        "Upstream messages dropped because the same oslo _unique_id was already published (redelivered by the tenant broker).",
+        ("direction",),
+    ),
     "late_replies": ("msgmux_late_replies_total", "Replies from servers after the call's deadline (dropped).", ("direction",)),
     "calls_answered": ("msgmux_calls_answered_total", "Relayed calls whose final reply passed.", ("direction",)),
     "calls_timed_out": ("msgmux_calls_timed_out_total", "Relayed calls that reached their deadline unanswered.", ("direction",)),

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.integration.test_relay -*-
+# -*- test-case-name: tests.integration.test_rpc -*-
 """
 The relay engine shared by both halves: one link session, one broker channel.
 
@@ -82,6 +82,8 @@ class Publication:
         which a publish the broker returns is tried again, as oslo's server
         retries a reply whose queue is missing; after it, the message is
         dropped and counted as undeliverable.
+    @ivar unique_id: the oslo C{_unique_id}, where the half read it; handed
+        to L{Relay.published} once the broker confirmed the publish.
     """
 
     destination: Destination
@@ -89,6 +91,7 @@ class Publication:
     body: bytes
     deadline: float | None = None
     retry_until: float | None = None
+    unique_id: str | None = None
 
 
 def kind_of(address: Address) -> str:
@@ -185,6 +188,9 @@ class Relay:
     def return_credit(self, count: int) -> None:
         """Let the peer send C{count} more messages (the control half rate-limits)."""
         self.link.grant(count)
+
+    def published(self, publication: Publication) -> None:
+        """The broker confirmed C{publication}, which carries a C{unique_id}."""
 
     # --- session and broker lifecycle ---------------------------------------
 
@@ -445,6 +451,8 @@ class Relay:
         if error is None:
             if self._unconfirmed.pop(entry.seq, None) is not None:
                 self.stats.counts[self._relayed_keys[(self.direction_in, entry.kind)]] += 1
+                if entry.publication.unique_id is not None:
+                    self.published(entry.publication)
                 self._settled(entry.seq)
             return
         if isinstance(error, ChannelLost):

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_service -*-
+# -*- test-case-name: tests.integration.test_operations -*-
 """
 The msgmux service tree, and its start and stop order.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_tenant -*-
+# -*- test-case-name: tests.integration.test_rpc -*-
 """
 The tenant half: runs inside the tenant network, next to the tenant broker.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_amqp_channel -*-
+# -*- test-case-name: tests.test_amqp_protocol -*-
 """
 One AMQP channel as msgmux uses it.
 

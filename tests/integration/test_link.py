@@ -34,6 +34,29 @@ class LinkUpTests(LabTestCase):
         mode = stat.S_IMODE(os.stat(self.socket_path("tenant-a")).st_mode)
         self.assertEqual(mode, 0o660)
 
+    async def test_failover_to_the_next_broker(self) -> None:
+        """A control transport_url whose first host is down: the control half moves on to the next and the link comes up."""
+        from tests.integration.support import control_config
+
+        path = control_config(self.lab, self.control_vhost, self.socket_path("tenant-a"), "tenant-a", ROUTES)
+        with open(path) as f:
+            text = f.read()
+        # Port 1 on loopback refuses connections: a dead first broker.
+        text = text.replace("rabbit://guest:guest@127.0.0.1:5672/", "rabbit://guest:guest@127.0.0.1:1,127.0.0.1:5672/")
+        self.assertIn("127.0.0.1:1,", text)
+        with open(path, "w") as f:
+            f.write(text)
+        control = self.lab.spawn_half(path, f"failover-{self.tag}-control", in_tenant_network=False)
+        await self.lab.wait_for_log(control, "Connected to control broker at 127.0.0.1:5672")
+        from tests.integration.support import tenant_config
+
+        self.lab.spawn_half(
+            tenant_config(self.lab, self.tenant_vhost, self.socket_path("tenant-a"), "tenant-a"),
+            f"failover-{self.tag}-tenant",
+            in_tenant_network=True,
+        )
+        await self.lab.wait_for_log(control, "control broker channel ready")
+
     async def test_tenant_network_is_isolated(self) -> None:
         """The tenant namespace has only loopback, and its 127.0.0.1:5672 is a broker without the control vhost."""
         import subprocess

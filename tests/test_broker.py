@@ -1,0 +1,53 @@
+"""
+Tests for L{msgmux.amqp.broker.FailoverEndpoint}: the hosts of a transport
+URL are tried in order, moving on after a failed attempt and staying with
+the host of a connection that worked.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from msgmux.amqp.broker import FailoverEndpoint
+from msgmux.config import parse_transport_url
+
+
+class FailoverTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        hosts, _ = parse_transport_url("rabbit://u:p@10.0.0.1:5672,10.0.0.2:5673,10.0.0.3/")
+        self.reactor = MemoryReactorClock()
+        self.endpoint = FailoverEndpoint(self.reactor, hosts, timeout=1)
+
+    def attempt(self, succeed: bool) -> tuple[str, int]:
+        """Start one connection attempt; @return: the host and port it went to."""
+        attempt = self.endpoint.connect(Factory.forProtocol(Protocol))
+        self.reactor.advance(0)  # HostnameEndpoint resolves, then connects
+        _, port, factory, _, _ = self.reactor.tcpClients[-1]
+        target = (self.endpoint.current.host, port)
+        if succeed:
+            factory.buildProtocol(None).makeConnection(StringTransport())
+            self.successResultOf(attempt)
+        else:
+            factory.clientConnectionFailed(self.reactor.connectors[-1], Failure(ConnectionRefusedError()))
+            self.reactor.advance(1)
+            self.failureResultOf(attempt)
+        return target
+
+    def test_order(self) -> None:
+        """Failed attempts walk the list, wrapping around; a working host is tried again first."""
+        self.assertEqual(self.attempt(False), ("10.0.0.1", 5672))
+        self.assertEqual(self.attempt(False), ("10.0.0.2", 5673))
+        self.assertEqual(self.attempt(True), ("10.0.0.3", 5672))
+        self.assertEqual(self.endpoint.current.host, "10.0.0.3")
+        self.assertEqual(self.attempt(True), ("10.0.0.3", 5672))
+        self.endpoint.failed()  # e.g. the broker refused the login
+        self.assertEqual(self.attempt(True), ("10.0.0.1", 5672))
+
+    def test_credentials_follow_the_host(self) -> None:
+        """Hosts without credentials in the URL use the previous host's."""
+        hosts, _ = parse_transport_url("rabbit://a:1@h1,b:2@h2,h3/")
+        self.assertEqual([(h.username, h.password) for h in hosts], [("a", "1"), ("b", "2"), ("b", "2")])
