@@ -189,20 +189,7 @@ async def oslo_calls(lab: Lab, through_msgmux: bool, calls: int) -> dict[str, fl
     control_vhost, tenant_vhost = await threads.deferToThread(lab.vhosts, f"bench-{tag}")
     halves: list[HalfProcess] = []
     if through_msgmux:
-        socket = lab.path("sockets", "bench-oslo.sock")
-        control_config = lab.write(
-            "bench-oslo-control.toml",
-            f'[control]\ntransport_url = "{lab.control_node.url(control_vhost)}"\n\n'
-            f'[[control.links]]\nname = "oslo"\nsocket = "{socket}"\ndown = [ {{ topic = "bench" }} ]\n',
-        )
-        tenant_config = lab.write(
-            "bench-oslo-tenant.toml", f'[tenant]\ntransport_url = "{lab.tenant_node.url(tenant_vhost)}"\nsocket = "{socket}"\n'
-        )
-        halves.append(lab.spawn_half(control_config, "bench-oslo-control", in_tenant_network=False))
-        await lab.wait_for_log(halves[0], "listening on")
-        halves.append(lab.spawn_half(tenant_config, "bench-oslo-tenant", in_tenant_network=True))
-        await lab.wait_for_log(halves[0], "control broker channel ready")
-        await lab.wait_for_log(halves[1], "tenant broker channel ready")
+        halves.extend(await lab.start_halves("bench-oslo", control_vhost, tenant_vhost, 'down = [ { topic = "bench" } ]'))
         server = lab.spawn_peer("tenant", tenant_vhost)
     else:
         server = lab.spawn_peer("control", control_vhost)

@@ -132,20 +132,7 @@ async def main(reactor: Any, arguments: argparse.Namespace) -> None:
     captures: list[subprocess.Popen[bytes]] = []
     try:
         control_vhost, tenant_vhost = await threads.deferToThread(lab.vhosts, "hops")
-        socket = lab.path("sockets", "hops.sock")
-        control_config = lab.write(
-            "hops-control.toml",
-            f'[control]\ntransport_url = "{lab.control_node.url(control_vhost)}"\ncanary_interval = 3600\n\n'
-            f'[[control.links]]\nname = "hops"\nsocket = "{socket}"\ndown = [ {{ topic = "bench" }} ]\n',
-        )
-        tenant_config = lab.write(
-            "hops-tenant.toml", f'[tenant]\ntransport_url = "{lab.tenant_node.url(tenant_vhost)}"\nsocket = "{socket}"\n'
-        )
-        control = lab.spawn_half(control_config, "hops-control", in_tenant_network=False)
-        await lab.wait_for_log(control, "listening on")
-        tenant = lab.spawn_half(tenant_config, "hops-tenant", in_tenant_network=True)
-        await lab.wait_for_log(control, "control broker channel ready")
-        await lab.wait_for_log(tenant, "tenant broker channel ready")
+        await lab.start_halves("hops", control_vhost, tenant_vhost, 'down = [ { topic = "bench" } ]', "canary_interval = 3600")
         server = lab.spawn_peer("tenant", tenant_vhost)
         client = lab.spawn_peer("control", control_vhost)
         await server.ready

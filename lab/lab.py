@@ -213,6 +213,33 @@ class Lab:
         results = await defer.DeferredList(waits, consumeErrors=True)
         del results
 
+    async def start_halves(
+        self, name: str, control_vhost: str, tenant_vhost: str, routes: str, control_extra: str = ""
+    ) -> tuple[HalfProcess, HalfProcess]:
+        """
+        Start a control half on the host and a tenant half in the namespace
+        for one link, and wait until both have their broker channels.
+
+        @param name: the link name (configs, socket and logs are named after it).
+        @param routes: the TOML body of the link (its route keys).
+        @param control_extra: more C{[control]} keys.
+        """
+        socket = self.path("sockets", f"{name}.sock")
+        control_config = self.write(
+            f"{name}-control.toml",
+            f'[control]\ntransport_url = "{self.control_node.url(control_vhost)}"\n{control_extra}\n\n'
+            f'[[control.links]]\nname = "{name}"\nsocket = "{socket}"\n{routes}\n',
+        )
+        tenant_config = self.write(
+            f"{name}-tenant.toml", f'[tenant]\ntransport_url = "{self.tenant_node.url(tenant_vhost)}"\nsocket = "{socket}"\n'
+        )
+        control = self.spawn_half(control_config, f"{name}-control", in_tenant_network=False)
+        await self.wait_for_log(control, "listening on")
+        tenant = self.spawn_half(tenant_config, f"{name}-tenant", in_tenant_network=True)
+        await self.wait_for_log(control, "control broker channel ready")
+        await self.wait_for_log(tenant, "tenant broker channel ready")
+        return control, tenant
+
     async def wait_for_log(self, process: HalfProcess, text: str, timeout: float = 30.0, count: int = 1) -> None:
         """Wait until C{text} appears C{count} times in a half's log."""
         waited = 0.0

@@ -237,7 +237,8 @@ class TrustTests(LabTestCase):
         deadline = time.monotonic() + 2.0
         while time.monotonic() < deadline:
             while sent < tenant.credit():
-                tenant.send_message(RpcAddress(None, "q-reports"), REPORT)
+                # Each its own _unique_id, as oslo sends them (repeats are dropped as duplicates).
+                tenant.send_message(RpcAddress(None, "q-reports"), oslo_body({"method": "report_state", "_unique_id": f"r{sent}"}))
                 sent += 1
             await task.deferLater(reactor, 0.02, lambda: None)
         elapsed = time.monotonic() - started
