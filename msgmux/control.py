@@ -35,6 +35,7 @@ from msgmux.oslo.topology import ExchangeSpec, OsloTopology, QueueSpec
 from msgmux.relay import RETURN_RETRY_LIMIT, Publication, Refusal, Relay
 from msgmux.routing import Destination, LinkRoutes, Source, canary_queue_name, publish_topology, sources
 from msgmux.stats import LinkStats
+from msgmux.streams import StreamPosition
 
 __all__ = ["ControlLink", "ControlLinkFactory", "ControlRelay", "IDENTITY_HEADER"]
 
@@ -163,6 +164,7 @@ class ControlLink:
         self.last_canary: float | None = None
         self.stats.gauges["link_up"] = 0
         self.published_ids: RecentIds = RecentIds(RECENT_IDS)
+        self.streams: dict[str, StreamPosition] = {}
 
     def status(self) -> dict[str, Any]:
         """The link now, for C{/status} and C{msgmux status}."""
@@ -286,7 +288,7 @@ class ControlRelay(Relay):
     direction_in = "up"
 
     def __init__(self, owner: ControlLink, link: LinkProtocol) -> None:
-        super().__init__(link, owner.broker, owner.clock, owner.control.link_window, owner.stats)
+        super().__init__(link, owner.broker, owner.clock, owner.control.link_window, owner.stats, owner.streams)
         self.owner = owner
         self.config = owner.config
         self._owed_credit = 0

@@ -24,7 +24,8 @@ L{Relay.inbound}.
 from __future__ import annotations
 
 import collections
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import attrs
 from twisted.internet import defer
@@ -42,6 +43,7 @@ from msgmux.link.protocol import LinkProtocol, MessageTooLarge
 from msgmux.oslo.topology import ExchangeSpec, OsloTopology, QueueSpec
 from msgmux.routing import Destination, Source, destination
 from msgmux.stats import LinkStats
+from msgmux.streams import OFFSET_HEADER, StreamPosition
 
 #: Seconds between attempts to rebuild a channel that failed.
 REBUILD_DELAY = 1.0
@@ -127,7 +129,19 @@ class Relay:
     direction_out = "out"
     direction_in = "in"
 
-    def __init__(self, link: LinkProtocol, broker: BrokerService, clock: IReactorTime, window: int, stats: LinkStats) -> None:
+    def __init__(
+        self,
+        link: LinkProtocol,
+        broker: BrokerService,
+        clock: IReactorTime,
+        window: int,
+        stats: LinkStats,
+        streams: dict[str, StreamPosition] | None = None,
+    ) -> None:
+        """
+        @param streams: where to resume each stream queue this half consumes,
+            kept by the half across sessions.
+        """
         self.link = link
         self.broker = broker
         self.clock = clock
@@ -142,6 +156,10 @@ class Relay:
         self._unpublished: collections.deque[_Inbound] = collections.deque()
         self._unconfirmed: dict[int, _Inbound] = {}
         self._destinations: dict[Any, Destination] = {}
+        self._streams = streams if streams is not None else {}
+        # Delivery tag -> (position, offset) for stream deliveries of the
+        # current channel.
+        self._stream_tags: dict[int, tuple[StreamPosition, int]] = {}
         self._relayed_keys = {
             (direction, kind): LinkStats.key("relayed", direction=direction, kind=kind)
             for direction in (self.direction_in, self.direction_out)
@@ -264,12 +282,14 @@ class Relay:
             self.channel = channel
             for index, source in enumerate(sources):
                 tag = f"msgmux-{self.stats.link}-{index}"
-                await channel.consume(
-                    source.queue.name,
-                    tag,
-                    lambda delivery, source=source: self._delivered(source, delivery),
-                    dict(source.queue.consume_arguments),
-                )
+                arguments = dict(source.queue.consume_arguments)
+                deliver: Callable[[Delivery], None] = functools.partial(self._delivered, source)
+                if OFFSET_HEADER in arguments:
+                    position = self._streams.setdefault(source.queue.name, StreamPosition())
+                    arguments[OFFSET_HEADER] = position.resume()
+                    channel.settle_observer = self._stream_settled
+                    deliver = functools.partial(self._stream_delivered, source, position)
+                await channel.consume(source.queue.name, tag, deliver, arguments)
         except BaseException:
             if channel.is_open:
                 await channel.close()
@@ -290,6 +310,7 @@ class Relay:
         if self.channel is not channel:
             return
         self.channel = None
+        self._stream_tags.clear()  # their positions resume at the first unsettled offset
         # Deliveries of the dead channel are void: the broker requeued them.
         self._waiting.clear()
         # Publishes without a confirm may or may not have happened: publish
@@ -343,6 +364,20 @@ class Relay:
         self.link.close("shutdown", "msgmux is stopping")
 
     # --- outbound: broker -> link -----------------------------------------
+
+    def _stream_delivered(self, source: Source, position: StreamPosition, delivery: Delivery) -> None:
+        """A delivery from a stream: note its offset, and do not pass RabbitMQ's offset header on."""
+        headers = delivery.properties.get("headers")
+        offset = headers.pop(OFFSET_HEADER, None) if headers else None
+        if type(offset) is int:
+            position.delivered(offset)
+            self._stream_tags[delivery.delivery_tag] = (position, offset)
+        self._delivered(source, delivery)
+
+    def _stream_settled(self, tag: int) -> None:
+        entry = self._stream_tags.pop(tag, None)
+        if entry is not None:
+            entry[0].settled(entry[1])
 
     def _delivered(self, source: Source, delivery: Delivery) -> None:
         if delivery.error is not None:

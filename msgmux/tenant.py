@@ -26,6 +26,7 @@ from msgmux.oslo.topology import ExchangeSpec, OsloTopology, QueueSpec
 from msgmux.relay import RETURN_RETRY_LIMIT, Publication, Refusal, Relay
 from msgmux.routing import Destination, LinkRoutes, Source, canary_queue_name, publish_topology, sources
 from msgmux.stats import LinkStats
+from msgmux.streams import StreamPosition
 
 __all__ = ["TenantLink", "TenantLinkFactory", "TenantRelay"]
 
@@ -47,6 +48,7 @@ class TenantLink:
         self.stats.gauges["link_up"] = 0
         self.relay: TenantRelay | None = None
         self.routes: LinkRoutes | None = None
+        self.streams: dict[str, StreamPosition] = {}
 
     def status(self) -> dict[str, Any]:
         """The link seen from the tenant half, for C{/status}."""
@@ -101,7 +103,7 @@ class TenantRelay(Relay):
     direction_in = "down"
 
     def __init__(self, owner: TenantLink, link: LinkProtocol, routes: LinkRoutes) -> None:
-        super().__init__(link, owner.broker, owner.clock, owner.config.link_window, owner.stats)
+        super().__init__(link, owner.broker, owner.clock, owner.config.link_window, owner.stats, owner.streams)
         self.owner = owner
         self.routes = routes
 

@@ -125,6 +125,8 @@ class Channel:
         # whole batch instead of a frame per message.
         self._low = 1
         self._settled: set[int] = set()
+        #: Told the tag of every delivery as it is acknowledged or rejected.
+        self.settle_observer: Callable[[int], None] | None = None
         self.lost_reason: Failure | None = None
         self.lost_observers: list[Callable[[Failure], None]] = []
         self.return_observers: list[Callable[[int, str, str, str, dict[str, Any], bytes], None]] = []
@@ -289,6 +291,8 @@ class Channel:
             self.protocol.write_frame(wire.encode_exchange_declare(self.number, name, kind, durable, auto_delete))
 
     def _settle(self, tag: int) -> None:
+        if self.settle_observer is not None:
+            self.settle_observer(tag)
         if tag != self._low:
             self._settled.add(tag)
             return

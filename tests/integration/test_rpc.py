@@ -225,6 +225,33 @@ class QueueOptionTests(LabTestCase):
             {"rabbit_quorum_queue": True, "rabbit_transient_quorum_queue": True},
         )
 
+    async def test_stream_fanout(self) -> None:
+        """rabbit_stream_fanout (fanout through a stream, quorum transient queues) works on both brokers."""
+        await self._roundtrip(
+            "rabbit_transient_quorum_queue = true\nrabbit_stream_fanout = true",
+            {"rabbit_transient_quorum_queue": True, "rabbit_stream_fanout": True, "rabbit_qos_prefetch_count": 64},
+        )
+
+    async def test_stream_fanout_resumes(self) -> None:
+        """Fanout casts sent through a stream while the tenant half is away reach the servers once it is back."""
+        queues = "rabbit_transient_quorum_queue = true\nrabbit_stream_fanout = true"
+        rabbit = {"rabbit_transient_quorum_queue": True, "rabbit_stream_fanout": True, "rabbit_qos_prefetch_count": 64}
+        control_half, tenant_half = await self.start_link(ROUTES, queues=queues, tenant_queues=queues)
+        control, tenant = await self.peers(**rabbit)
+        await tenant.request("server", name="agent-1", topic="l3_agent", server="agent-1")
+        await settle(self.lab.reactor)
+        await control.request("cast", topic="l3_agent", fanout=True, method="echo", kwargs={"i": -1})
+        await received(tenant, "agent-1", 1, self.lab.reactor, kwargs={"i": -1})
+        await tenant_half.stop()
+        for index in range(30):
+            await control.request("cast", topic="l3_agent", fanout=True, method="echo", kwargs={"i": index})
+        tenant_half = self.lab.spawn_half(
+            self.lab.path("tenant-a-tenant.toml"), f"tenant-a-{self.tag}-tenant-2", in_tenant_network=True
+        )
+        got = await received(tenant, "agent-1", 31, self.lab.reactor, timeout=30)
+        seen = [r["kwargs"]["i"] for r in got if "i" in r["kwargs"]]
+        self.assertEqual(sorted(seen), list(range(-1, 30)))
+
     async def test_mismatch_is_reported(self) -> None:
         """If msgmux's options differ from oslo's, the control half says so in its log."""
         control_peer = self.lab.spawn_peer("control", self.control_vhost, amqp_durable_queues=True)

@@ -1,0 +1,63 @@
+# -*- test-case-name: tests.test_streams -*-
+"""
+Where to resume reading a stream queue.
+
+With oslo's C{rabbit_stream_fanout}, fanout casts go through a stream, which
+keeps its messages and lets each consumer choose where to start
+(C{x-stream-offset}).  Unlike a classic queue, a stream does not redeliver
+what a consumer had not acknowledged when its channel went: the consumer
+must say where to start again.  oslo resumes after the last message it
+received; msgmux, which must not lose what it had not yet relayed, resumes
+at the first message whose relay was not settled (published on the other
+broker, or refused).  A L{StreamPosition} outlives the link sessions; it
+starts at the stream's end (C{"last"}), as oslo does, when msgmux starts.
+
+Pure code.
+"""
+
+from __future__ import annotations
+
+import collections
+
+__all__ = ["OFFSET_HEADER", "StreamPosition"]
+
+#: The header RabbitMQ puts on every message delivered from a stream.
+OFFSET_HEADER = "x-stream-offset"
+
+
+class StreamPosition:
+    """Delivered and settled offsets of one stream queue, in delivery order."""
+
+    def __init__(self) -> None:
+        self._next: int | None = None
+        self._outstanding: collections.deque[int] = collections.deque()
+        self._settled: set[int] = set()
+
+    def delivered(self, offset: int) -> None:
+        """The message at C{offset} was delivered to us."""
+        self._outstanding.append(offset)
+
+    def settled(self, offset: int) -> None:
+        """The message at C{offset} is relayed (or refused) for good."""
+        outstanding = self._outstanding
+        if outstanding and outstanding[0] == offset:
+            outstanding.popleft()
+            self._next = offset + 1
+            while outstanding and outstanding[0] in self._settled:
+                self._settled.discard(outstanding[0])
+                self._next = outstanding.popleft() + 1
+        else:
+            self._settled.add(offset)
+
+    def resume(self) -> int | str:
+        """
+        @return: the C{x-stream-offset} for a new consumer: the first offset
+            not settled, or C{"last"} when nothing was read yet.  What was
+            outstanding is forgotten (it will be delivered again).
+        """
+        offset: int | str = self._outstanding[0] if self._outstanding else (self._next if self._next is not None else "last")
+        self._outstanding.clear()
+        self._settled.clear()
+        if isinstance(offset, int):
+            self._next = offset
+        return offset
