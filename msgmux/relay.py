@@ -38,7 +38,7 @@ from msgmux.amqp import wire
 from msgmux.amqp.broker import BrokerService
 from msgmux.amqp.channel import Channel, ChannelLost, Delivery, PublishReturned
 from msgmux.amqp.protocol import BrokerProtocol
-from msgmux.link.codec import Address, CanaryAddress, Message, NotificationAddress, RpcAddress
+from msgmux.link.codec import Address, CanaryAddress, Message, NotificationAddress, ReplyAddress, RpcAddress
 from msgmux.link.protocol import LinkProtocol, MessageTooLarge
 from msgmux.oslo.topology import ExchangeSpec, OsloTopology, QueueSpec
 from msgmux.routing import Destination, Source, destination
@@ -152,7 +152,11 @@ class Relay:
         self._building = False
         self._granted = False
         self._rebuild_call: Any = None
+        # Deliveries waiting for link credit.  Replies (and call-monitor
+        # heartbeats) have their own line and go first: a caller gives up
+        # when they are late, a cast behind them only waits.
         self._waiting: collections.deque[tuple[Message, Delivery]] = collections.deque()
+        self._waiting_replies: collections.deque[tuple[Message, Delivery]] = collections.deque()
         self._unpublished: collections.deque[_Inbound] = collections.deque()
         self._unconfirmed: dict[int, _Inbound] = {}
         self._destinations: dict[Any, Destination] = {}
@@ -224,6 +228,7 @@ class Relay:
         if self._rebuild_call is not None and self._rebuild_call.active():
             self._rebuild_call.cancel()
         self._waiting.clear()
+        self._waiting_replies.clear()
         self._unpublished.clear()
         self._unconfirmed.clear()
         channel, self.channel = self.channel, None
@@ -313,6 +318,7 @@ class Relay:
         self._stream_tags.clear()  # their positions resume at the first unsettled offset
         # Deliveries of the dead channel are void: the broker requeued them.
         self._waiting.clear()
+        self._waiting_replies.clear()
         # Publishes without a confirm may or may not have happened: publish
         # them again (duplicates are possible, loss is not).
         retry = sorted(self._unconfirmed.values(), key=lambda entry: entry.seq)
@@ -387,8 +393,12 @@ class Relay:
         message = self.outbound(source, delivery)
         if message is None:
             return
-        if self._waiting or self.link.send_credit <= 0:
-            self._waiting.append((message, delivery))
+        if self.link.send_credit <= 0 or self._waiting_replies or self._waiting:
+            if type(message.address) is ReplyAddress:
+                self._waiting_replies.append((message, delivery))
+            else:
+                self._waiting.append((message, delivery))
+            self.credit_received()  # sends what it can, replies first
         else:
             self._send(message, delivery)
 
@@ -404,11 +414,11 @@ class Relay:
             self.stats.reject(self.direction_out, "too-large", str(e))
 
     def credit_received(self) -> None:
-        waiting = self._waiting
-        while waiting and self.link.send_credit > 0:
-            message, delivery = waiting.popleft()
-            if delivery.channel.is_open:
-                self._send(message, delivery)
+        for waiting in (self._waiting_replies, self._waiting):
+            while waiting and self.link.send_credit > 0:
+                message, delivery = waiting.popleft()
+                if delivery.channel.is_open:
+                    self._send(message, delivery)
 
     def messages_acknowledged(self, tokens: list[tuple[Delivery, str]]) -> None:
         by_channel: dict[Channel, list[int]] = {}

@@ -1,0 +1,63 @@
+"""
+Tests for L{msgmux.relay.Relay} without brokers: what waits for link credit
+goes out in the right order, replies first.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from msgmux.amqp.channel import Delivery
+from msgmux.link.codec import Message, ReplyAddress, RpcAddress
+from msgmux.oslo.topology import QueueSpec
+from msgmux.relay import Relay
+from msgmux.routing import Source
+from msgmux.stats import LinkStats
+
+
+class FakeLink:
+    def __init__(self) -> None:
+        self.send_credit = 0
+        self.sent: list[bytes] = []
+
+    def send_message(self, message: Message, token: Any) -> None:
+        self.send_credit -= 1
+        self.sent.append(message.body)
+
+
+class OpenChannel:
+    is_open = True
+
+
+class PassThrough(Relay):
+    def outbound(self, source: Source, delivery: Delivery) -> Message:
+        return Message(0, source.address_for(delivery.routing_key), {}, delivery.body)
+
+
+def delivery(body: bytes) -> Delivery:
+    return Delivery(OpenChannel(), "c", 1, False, "", "k", {}, body, None)  # type: ignore[arg-type]
+
+
+class CreditOrderTests(SynchronousTestCase):
+    def test_replies_first(self) -> None:
+        """With no credit, casts and replies wait; when credit comes, replies go first, each line in its order."""
+        clock = Clock()
+        link = FakeLink()
+        relay = PassThrough(link, object(), clock, 10, LinkStats("l", clock))  # type: ignore[arg-type]
+        casts = Source(QueueSpec("t", False, False), (), RpcAddress(None, "t"))
+        replies = Source(QueueSpec("reply_msgmux_l", False, False), (), ReplyAddress())
+        for body, source in ((b"cast-1", casts), (b"reply-1", replies), (b"cast-2", casts), (b"reply-2", replies)):
+            relay._delivered(source, delivery(body))
+        self.assertEqual(link.sent, [])
+        link.send_credit = 3
+        relay.credit_received()
+        self.assertEqual(link.sent, [b"reply-1", b"reply-2", b"cast-1"])
+        link.send_credit = 1
+        relay.credit_received()
+        self.assertEqual(link.sent[-1], b"cast-2")
+        link.send_credit = 1
+        relay._delivered(casts, delivery(b"cast-3"))  # nothing waits: straight out
+        self.assertEqual(link.sent[-1], b"cast-3")
