@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import attrs
@@ -283,8 +283,19 @@ def parse(text: str, path: str = "<string>") -> Config:
     return Config(path=path, control=control, tenant=tenant)
 
 
-def _positive(value: float) -> str | None:
-    return None if value > 0 else "must be greater than 0"
+def _between(low: float, high: float, unit: str, low_inclusive: bool = False) -> Callable[[float], str | None]:
+    """
+    A check for a number in a range; the upper bound keeps out TOML's C{inf}
+    and values so large that timers built from them overflow.
+    """
+
+    def problem(value: float) -> str | None:
+        if (value >= low if low_inclusive else value > low) and value <= high:
+            return None
+        below = "at least" if low_inclusive else "greater than"
+        return f"must be {below} {low:g} and at most {high:g} {unit}"
+
+    return problem
 
 
 def _non_negative(value: float) -> str | None:
@@ -303,10 +314,10 @@ def _control(section: Section) -> ControlConfig:
             raise section.error("reply_key_file", f"cannot read {key_path}: {e.strerror or e}") from None
         if len(reply_key) < 16:
             raise section.error("reply_key_file", f"{key_path} must hold at least 16 bytes of secret")
-    heartbeat = section.get("link_heartbeat", float, 5.0, _positive)
+    heartbeat = section.get("link_heartbeat", float, 5.0, _between(0, 600, "seconds"))
     window = section.get("link_window", int, 256, lambda v: None if 1 <= v <= 65535 else "must be 1-65535")
     metrics = section.get("metrics", str, None, _endpoint_problem)
-    canary_interval = section.get("canary_interval", float, 10.0, lambda v: None if v >= 0.1 else "must be at least 0.1 seconds")
+    canary_interval = section.get("canary_interval", float, 10.0, _between(0.1, 600, "seconds", low_inclusive=True))
     default_limits = _limits(section.table("limits"), Limits())
     links = tuple(_link(link, default_limits, broker.exchange) for link in section.tables("links"))
     if not links:
@@ -458,10 +469,10 @@ def _queue_options(section: Section) -> QueueOptions:
 def _limits(section: Section, base: Limits) -> Limits:
     limits = Limits(
         max_message_size=section.get("max_message_size", int, base.max_message_size, _message_size_problem),
-        max_rate=section.get("max_rate", float, base.max_rate, _positive),
-        burst=section.get("burst", int, base.burst, _positive),
+        max_rate=section.get("max_rate", float, base.max_rate, _between(0, 1e6, "messages per second")),
+        burst=section.get("burst", int, base.burst, _between(0, 1e6, "messages")),
         max_inflight_calls=section.get("max_inflight_calls", int, base.max_inflight_calls, _non_negative),
-        max_call_timeout=section.get("max_call_timeout", float, base.max_call_timeout, _positive),
+        max_call_timeout=section.get("max_call_timeout", float, base.max_call_timeout, _between(0, 86400, "seconds")),
     )
     section.finish()
     return limits

@@ -72,6 +72,12 @@ CANARY_MAX_AGE = 3600.0
 #: prefetch, the most that can be redelivered at once.
 RECENT_IDS = 2048
 
+#: Final replies remembered per link, so that a tenant half cannot answer a
+#: call again once it was answered (until its deadline, the token alone
+#: would let it).  Down calls come from control clients, so a tenant half
+#: cannot push entries out by making calls.
+ANSWERED_CALLS = 8192
+
 _EXPIRATION = re.compile(r"[0-9]{1,10}", re.ASCII)
 
 #: Why a message compressed by kombu (oslo's kombu_compression) is refused:
@@ -161,10 +167,17 @@ class ControlLink:
         self.bucket = TokenBucket(config.limits.max_rate, config.limits.burst, clock)
         self.sessions = TokenBucket(SESSION_RATE, SESSION_BURST, clock)
         self.relay: ControlRelay | None = None
+        #: When the newest canary that came back was sent (our clock).
         self.last_canary: float | None = None
         self.stats.gauges["link_up"] = 0
         self.published_ids: RecentIds = RecentIds(RECENT_IDS)
+        #: Reply tokens of down calls whose final reply was published: the
+        #: call is over, and the tenant half may not answer it again.
+        self.answered_calls: RecentIds = RecentIds(ANSWERED_CALLS)
         self.streams: dict[str, StreamPosition] = {}
+        #: Set when the link is removed from the configuration: a
+        #: connection accepted before that cannot start a session any more.
+        self.retired = False
 
     def status(self) -> dict[str, Any]:
         """The link now, for C{/status} and C{msgmux status}."""
@@ -185,9 +198,10 @@ class ControlLink:
 
     def healthy(self) -> bool:
         """
-        Messages are moving: a canary went round both brokers within the
-        last three canary intervals.  (Connection state alone says nothing:
-        a link can be up while a broker blocks or a channel is stuck.)
+        Messages are moving: a canary sent within the last three canary
+        intervals went round both brokers and came back.  (Connection state
+        alone says nothing: a link can be up while a broker blocks or a
+        channel is stuck.)
         """
         if self.last_canary is None:
             return False
@@ -220,6 +234,8 @@ class ControlLink:
             sessions lately (each costs a channel and declarations on the
             control broker).
         """
+        if self.retired:
+            return f"link {self.config.name!r} was removed from the configuration"
         if self.relay is not None and self.relay.active:
             return f"link {self.config.name!r} already has a tenant half connected"
         if not self.sessions.take(1):
@@ -245,6 +261,13 @@ class ControlLinkFactory(Factory):
         self.link = link
         self._pending: set[ControlLinkProtocol] = set()
 
+    def close_pending(self, code: str, detail: str) -> None:
+        """Close the connections that have not completed their handshake."""
+        for protocol in list(self._pending):
+            if protocol.session is None:
+                protocol.close(code, detail)
+        self._pending.clear()
+
     def buildProtocol(self, addr: Any) -> ControlLinkProtocol | None:
         link = self.link
         self._pending = {p for p in self._pending if p.session is None and p.close_reason is None}
@@ -261,7 +284,7 @@ class ControlLinkFactory(Factory):
             heartbeat=link.control.link_heartbeat,
             max_frame=link.max_frame,
             link_name=link.config.name,
-            routes=link.routes.to_wire(),
+            routes=lambda: link.routes.to_wire(),
             attach=link.attach,
         )
         protocol.violation_observers.append(lambda code, detail: link.stats.count("protocol_violations", code=code))
@@ -308,16 +331,25 @@ class ControlRelay(Relay):
         return publish_topology(self.config.up, self.config.notifications_up, self.owner.topology)
 
     def published(self, publication: Publication) -> None:
-        assert publication.unique_id is not None
-        self.owner.published_ids.add(publication.unique_id)
+        if publication.unique_id is not None:
+            self.owner.published_ids.add(publication.unique_id)
+        if publication.answers is not None:
+            self.owner.answered_calls.add(publication.answers)
 
     # --- credit pacing ----------------------------------------------------
 
     def return_credit(self, count: int) -> None:
         self._owed_credit += count
+        if self._credit_call is not None and self._credit_call.active():
+            return  # already throttled: the pending payment pays this too
         self._pay_credit()
 
     def _pay_credit(self) -> None:
+        """
+        Grant what the token bucket allows of the owed credit, and come back
+        for the rest. At most one payment is ever scheduled, however many
+        settlements arrive while the link is throttled.
+        """
         self._credit_call = None
         if not self.active or not self._owed_credit:
             return
@@ -360,7 +392,13 @@ class ControlRelay(Relay):
         now = self.clock.seconds()
         if not now - CANARY_MAX_AGE <= sent <= now:
             raise Refusal("malformed", "canary from the future or replayed")
-        self.owner.last_canary = now
+        last = self.owner.last_canary
+        if last is not None and sent <= last:
+            # A redelivered canary, or one the tenant half kept to replay:
+            # health is the newest canary back, so this says nothing.
+            self.stats.count("canaries_stale")
+            return
+        self.owner.last_canary = sent
         self.stats.gauges["canary_round_trip_seconds"] = now - sent
         self.stats.count("canaries_returned")
 
@@ -537,7 +575,7 @@ class ControlRelay(Relay):
             return None
         return Publication(self._destination(address), properties, body, unique_id=unique_id)
 
-    def _reply_up(self, properties: dict[str, Any], body: bytes) -> Publication:
+    def _reply_up(self, properties: dict[str, Any], body: bytes) -> Publication | None:
         parsed = _parse(body)
         try:
             token = self.owner.signer.verify(self.config.name, "down", parsed.msg_id or "")
@@ -545,11 +583,23 @@ class ControlRelay(Relay):
             raise Refusal("unsolicited-reply", f"reply for a call this link was not asked: {e}") from None
         if self.clock.seconds() >= token.deadline:
             raise Refusal("late-reply", "reply after the call's deadline")
-        if parsed.inner.get("ending"):
-            self.owner.calls.answered(parsed.msg_id or "")
+        msg_id = parsed.msg_id or ""
+        if msg_id in self.owner.answered_calls:
+            # A redelivered final reply, or a tenant half answering twice.
+            self.stats.count("duplicates_dropped", direction="up")
+            return None
+        ending = bool(parsed.inner.get("ending"))
+        if ending:
+            self.owner.calls.answered(msg_id)
         body = parsed.with_inner(_msg_id=token.msg_id)
         retry_until = min(token.deadline, self.clock.seconds() + RETURN_RETRY_LIMIT)
-        return Publication(Destination("", token.reply_queue, mandatory=True), properties, body, retry_until=retry_until)
+        return Publication(
+            Destination("", token.reply_queue, mandatory=True),
+            properties,
+            body,
+            retry_until=retry_until,
+            answers=msg_id if ending else None,
+        )
 
 
 def _unique_id(parsed: envelope.Envelope) -> str | None:

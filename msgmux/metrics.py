@@ -67,6 +67,11 @@ COUNTERS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "throttled": ("msgmux_link_throttled_total", "Times link credit was held back by the rate limit.", ()),
     "canaries_sent": ("msgmux_canaries_sent_total", "Canaries put on the control broker.", ()),
     "canaries_returned": ("msgmux_canaries_returned_total", "Canaries back after going round both brokers.", ()),
+    "canaries_stale": (
+        "msgmux_canaries_stale_total",
+        "Canaries back that were no newer than one already back (redelivered or replayed); ignored.",
+        (),
+    ),
 }
 
 

@@ -86,6 +86,8 @@ class Publication:
         dropped and counted as undeliverable.
     @ivar unique_id: the oslo C{_unique_id}, where the half read it; handed
         to L{Relay.published} once the broker confirmed the publish.
+    @ivar answers: for a call's final reply, the call's reply token; handed
+        to L{Relay.published} likewise.
     """
 
     destination: Destination
@@ -94,6 +96,7 @@ class Publication:
     deadline: float | None = None
     retry_until: float | None = None
     unique_id: str | None = None
+    answers: str | None = None
 
 
 def kind_of(address: Address) -> str:
@@ -212,7 +215,7 @@ class Relay:
         self.link.grant(count)
 
     def published(self, publication: Publication) -> None:
-        """The broker confirmed C{publication}, which carries a C{unique_id}."""
+        """The broker confirmed C{publication}, which carries a C{unique_id} or C{answers}."""
 
     # --- session and broker lifecycle ---------------------------------------
 
@@ -386,6 +389,11 @@ class Relay:
             entry[0].settled(entry[1])
 
     def _delivered(self, source: Source, delivery: Delivery) -> None:
+        if not self.active or not self.link.established:
+            # The session is closing and its channel will close with it,
+            # which hands this delivery back to the broker: settling it here
+            # would lose it (or, for a stream, move the resume point past it).
+            return
         if delivery.error is not None:
             delivery.reject(requeue=False)
             self.stats.reject(self.direction_out, "malformed", delivery.error, queue=source.queue.name)
@@ -496,8 +504,9 @@ class Relay:
         if error is None:
             if self._unconfirmed.pop(entry.seq, None) is not None:
                 self.stats.counts[self._relayed_keys[(self.direction_in, entry.kind)]] += 1
-                if entry.publication.unique_id is not None:
-                    self.published(entry.publication)
+                publication = entry.publication
+                if publication.unique_id is not None or publication.answers is not None:
+                    self.published(publication)
                 self._settled(entry.seq)
             return
         if isinstance(error, ChannelLost):

@@ -96,6 +96,8 @@ class ControlHalf:
         listener = self.listeners.pop(name)
         await listener.stopService()
         link = self.links.pop(name)
+        link.retired = True
+        listener.factory.close_pending("removed", "the control half no longer serves this link")
         if link.relay is not None and link.relay.active:
             await link.relay.drain(DRAIN_TIMEOUT)
         link.calls.cancel_all()

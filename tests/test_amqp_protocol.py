@@ -167,7 +167,13 @@ class ConfirmTests(SynchronousTestCase):
         self.assertEqual(channel.unconfirmed, 0)
 
     def test_returned_mandatory_publish(self) -> None:
-        """A basic.return marks the oldest unconfirmed mandatory publish to that destination; its confirm then reports it."""
+        """
+        A basic.return belongs to a publish to its destination among those
+        the next confirm settles, even when that confirm overtakes the
+        confirms of earlier publishes to the same destination (RabbitMQ
+        confirms an unroutable message at once, a routed one when its queue
+        has it).
+        """
         protocol, transport, channel = make_protocol()
         channel._confirming = True
         results: list[Any] = []
@@ -175,12 +181,25 @@ class ConfirmTests(SynchronousTestCase):
         channel.publish("", "reply_b", {}, b"2", mandatory=True).addBoth(results.append)
         channel.publish("", "reply_b", {}, b"3", mandatory=True).addBoth(results.append)
         channel.publish("openstack", "t", {}, b"4").addBoth(results.append)
-        protocol.dataReceived(return_frames("", "reply_b", b"2"))
+        protocol.dataReceived(return_frames("", "reply_b", b"3"))
+        protocol.dataReceived(wire.frame(wire.FRAME_METHOD, 1, struct.pack(">HHQB", 60, 80, 3, 0)))
+        self.assertEqual(len(results), 1)
+        self.assertTrue(results[0].check(PublishReturned))
         protocol.dataReceived(wire.frame(wire.FRAME_METHOD, 1, struct.pack(">HHQB", 60, 80, 4, 1)))
-        self.assertEqual(len(results), 4)
-        self.assertEqual([r is None for r in results], [True, False, True, True])
+        self.assertEqual(results[1:], [None, None, None])
+        self.assertEqual((channel._mandatory, channel._returns), ({}, []))
+
+    def test_return_of_a_batch(self) -> None:
+        """When one multiple confirm settles several publishes to a returned destination, the latest is the returned one."""
+        protocol, transport, channel = make_protocol()
+        channel._confirming = True
+        results: list[Any] = []
+        channel.publish("", "reply_b", {}, b"1", mandatory=True).addBoth(results.append)
+        channel.publish("", "reply_b", {}, b"2", mandatory=True).addBoth(results.append)
+        protocol.dataReceived(return_frames("", "reply_b", b"2"))
+        protocol.dataReceived(wire.frame(wire.FRAME_METHOD, 1, struct.pack(">HHQB", 60, 80, 2, 1)))
+        self.assertIsNone(results[0])
         self.assertTrue(results[1].check(PublishReturned))
-        self.assertEqual((channel._mandatory, channel._returned), ({}, set()))
 
     def test_delivery_callback_failure(self) -> None:
         """A delivery our consumer fails on is requeued once; failing again on its redelivery, it is dropped."""

@@ -12,11 +12,13 @@ import json
 from typing import Any
 
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from msgmux.amqp.channel import Delivery
 from msgmux.config import parse
-from msgmux.control import IDENTITY_HEADER, ControlLink, ControlRelay, RecentIds, TokenBucket
+from msgmux.control import IDENTITY_HEADER, ControlLink, ControlLinkFactory, ControlRelay, RecentIds, TokenBucket
+from msgmux.link import codec
 from msgmux.link.codec import CanaryAddress, Message, NotificationAddress, ReplyAddress, RpcAddress
 from msgmux.oslo.tokens import TokenSigner
 from msgmux.relay import Refusal
@@ -188,6 +190,115 @@ class UpstreamPolicyTests(SynchronousTestCase):
         self.assertIsNone(self.relay.inbound(Message(1, CanaryAddress(), {"content_type": "application/json"}, body)))
         self.assertTrue(self.link.healthy())
         self.assertEqual(self.link.stats.gauges["canary_round_trip_seconds"], 0.5)
+
+    def test_canary_replay_does_not_keep_the_link_healthy(self) -> None:
+        """A canary sent again later is ignored: health follows the newest canary's send time."""
+        body = self.link.signer.canary("tenant-a", self.clock.seconds())
+        self.relay.inbound(Message(1, CanaryAddress(), {}, body))
+        self.assertTrue(self.link.healthy())
+        for _ in range(10):
+            self.clock.advance(self.link.control.canary_interval)
+            self.assertIsNone(self.relay.inbound(Message(1, CanaryAddress(), {}, body)))
+        self.assertFalse(self.link.healthy())
+        self.assertEqual(self.link.stats.get("canaries_stale"), 10)
+        self.assertEqual(self.link.stats.get("canaries_returned"), 1)
+
+    def test_answered_call_cannot_be_answered_again(self) -> None:
+        """Once a call's final reply is confirmed, more replies with its token are dropped; heartbeats before it pass."""
+        token = self.link.signer.issue("tenant-a", "down", "m9", "reply_caller", self.clock.seconds() + 30)
+        self.link.calls.begin(token, self.clock.seconds() + 30, "down")
+        heartbeat = self.relay.inbound(up(ReplyAddress(), oslo_body({"_msg_id": token, "result": None, "ending": False})))
+        assert heartbeat is not None
+        self.assertIsNone(heartbeat.answers)
+        final = self.relay.inbound(up(ReplyAddress(), oslo_body({"_msg_id": token, "result": 3, "ending": True})))
+        assert final is not None
+        self.assertEqual(final.answers, token)
+        self.assertEqual(self.link.calls.inflight("down"), 0)
+        self.relay.published(final)
+        for body in ({"_msg_id": token, "result": 3, "ending": True}, {"_msg_id": token, "result": "forged", "ending": True}):
+            self.assertIsNone(self.relay.inbound(up(ReplyAddress(), oslo_body(body))))
+        self.assertEqual(self.link.stats.get("duplicates_dropped", direction="up"), 2)
+
+
+class FakeLinkEnd:
+    """The link end a relay talks to, recording credit grants."""
+
+    established = True
+
+    def __init__(self) -> None:
+        self.granted = 0
+
+    def grant(self, increment: int) -> None:
+        self.granted += increment
+
+
+class CreditPacingTests(SynchronousTestCase):
+    def test_one_payment_pending_while_throttled(self) -> None:
+        """
+        However many settlements arrive while the rate limit holds credit
+        back, one timer pays what is owed; the session's end cancels it.
+        """
+        clock = Clock()
+        clock.advance(1_700_000_000)
+        config = parse(CONFIG.replace("[control.links.limits]", "[control.links.limits]\nmax_rate = 200.0\nburst = 10")).control
+        assert config is not None
+        owner = ControlLink(config.links[0], config, FakeBroker(), TokenSigner(b"k" * 32), clock)  # type: ignore[arg-type]
+        link = FakeLinkEnd()
+        relay = ControlRelay(owner, link)  # type: ignore[arg-type]
+        relay.return_credit(256)
+        self.assertEqual(link.granted, 10)
+        total = link.granted
+        for _ in range(2000):  # two seconds of a tenant half using every credit at once
+            used, link.granted = link.granted, 0
+            for _ in range(used):
+                relay.return_credit(1)
+            self.assertLessEqual(len(clock.getDelayedCalls()), 1)
+            clock.advance(0.001)
+            total += link.granted
+        # 10 of burst, then about 200 per second
+        self.assertGreaterEqual(total, 10 + 2 * 200 - 5)
+        self.assertLessEqual(total, 10 + 2 * 200 + 5)
+        relay.session_ended("test")
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class PendingConnectionTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.link, _, self.clock = make_relay()
+        self.factory = ControlLinkFactory(self.link)
+        self.protocol = self.factory.buildProtocol(None)
+        assert self.protocol is not None
+        self.transport = StringTransport()
+        self.protocol.makeConnection(self.transport)
+
+    def welcome(self) -> codec.Frame:
+        frames = codec.FrameDecoder(1 << 20).feed(self.transport.value())
+        return frames[0]
+
+    def test_removed_link_refuses_pending_handshakes(self) -> None:
+        """A connection accepted before its link was removed cannot start a session, and is closed."""
+        self.link.retired = True
+        self.factory.close_pending("removed", "gone")
+        self.assertEqual(self.welcome(), codec.Close("removed", "gone"))
+        late = self.factory.buildProtocol(None)
+        assert late is not None
+        late.makeConnection(StringTransport())
+        late.dataReceived(codec.encode(codec.Hello((codec.PROTOCOL_VERSION,), "tenant-a", "test")))
+        self.assertIsNone(late.session)
+        self.assertIsNone(self.link.relay)
+
+    def test_routes_are_read_at_hello(self) -> None:
+        """A connection that waited through a reload is sent the routes in force when it says HELLO."""
+        config = parse(CONFIG.replace('servers = ["agent-1"]', 'servers = ["agent-2"]')).control
+        assert config is not None
+        self.link.reconfigure(config.links[0], config)
+        self.protocol.dataReceived(codec.encode(codec.Hello((codec.PROTOCOL_VERSION,), "tenant-a", "test")))
+        welcome = self.welcome()
+        assert isinstance(welcome, codec.Welcome)
+        self.assertEqual(welcome.routes, self.link.routes.to_wire())
+        self.assertIn("agent-2", repr(welcome.routes))
+        self.link.calls.cancel_all()
+        self.protocol.connectionLost()
 
 
 class DownstreamTests(SynchronousTestCase):

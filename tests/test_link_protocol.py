@@ -19,6 +19,7 @@ from msgmux.link import codec
 from msgmux.link.codec import Message, RpcAddress
 from msgmux.link.protocol import (
     ACK_EAGER,
+    CLOSE_GRACE,
     HANDSHAKE_TIMEOUT,
     SETTLE_DELAY,
     ControlLinkProtocol,
@@ -79,7 +80,7 @@ class LinkPair:
                 heartbeat=5.0,
                 max_frame=4096,
                 link_name=link_name,
-                routes=ROUTES,
+                routes=lambda: ROUTES,
                 attach=attach or (lambda p: self.control_handler),
             )
             protocol.violation_observers.append(lambda code, detail: self.violations.append((code, detail)))
@@ -120,7 +121,7 @@ class HandshakeTests(SynchronousTestCase):
     def test_unknown_version(self) -> None:
         """A HELLO offering only unknown versions is answered with CLOSE version."""
         clock = Clock()
-        control = ControlLinkProtocol(clock, 5.0, 4096, "a", ROUTES, lambda p: RecordingHandler())
+        control = ControlLinkProtocol(clock, 5.0, 4096, "a", lambda: ROUTES, lambda p: RecordingHandler())
         transport = StringTransport()
         control.makeConnection(transport)
         control.dataReceived(codec.encode(codec.Hello((99,), None, "future")))
@@ -131,7 +132,7 @@ class HandshakeTests(SynchronousTestCase):
     def test_handshake_timeout(self) -> None:
         """A peer that never says HELLO is disconnected after the handshake timeout."""
         clock = Clock()
-        control = ControlLinkProtocol(clock, 5.0, 4096, "a", ROUTES, lambda p: RecordingHandler())
+        control = ControlLinkProtocol(clock, 5.0, 4096, "a", lambda: ROUTES, lambda p: RecordingHandler())
         transport = StringTransport()
         control.makeConnection(transport)
         clock.advance(HANDSHAKE_TIMEOUT - 0.1)
@@ -143,7 +144,7 @@ class HandshakeTests(SynchronousTestCase):
     def test_message_before_handshake(self) -> None:
         """A MSG before HELLO is a protocol violation."""
         clock = Clock()
-        control = ControlLinkProtocol(clock, 5.0, 4096, "a", ROUTES, lambda p: RecordingHandler())
+        control = ControlLinkProtocol(clock, 5.0, 4096, "a", lambda: ROUTES, lambda p: RecordingHandler())
         transport = StringTransport()
         control.makeConnection(transport)
         control.dataReceived(codec.encode(Message(1, RpcAddress(None, "t"), {}, b"")))
@@ -229,7 +230,7 @@ class FlowTests(SynchronousTestCase):
 
     def _control_with_messages(self, count: int) -> tuple[Clock, ControlLinkProtocol, StringTransport]:
         clock = Clock()
-        control = ControlLinkProtocol(clock, 5.0, 4096, "a", ROUTES, lambda p: RecordingHandler())
+        control = ControlLinkProtocol(clock, 5.0, 4096, "a", lambda: ROUTES, lambda p: RecordingHandler())
         transport = StringTransport()
         control.makeConnection(transport)
         control.dataReceived(codec.encode(codec.Hello((1,), "a", "t")))
@@ -366,7 +367,7 @@ class HandshakeLimitTests(SynchronousTestCase):
         from msgmux.link.protocol import HANDSHAKE_MAX_FRAME
 
         clock = Clock()
-        control = ControlLinkProtocol(clock, 5.0, 10 * 1024 * 1024, "a", ROUTES, lambda p: RecordingHandler())
+        control = ControlLinkProtocol(clock, 5.0, 10 * 1024 * 1024, "a", lambda: ROUTES, lambda p: RecordingHandler())
         transport = StringTransport()
         control.makeConnection(transport)
         self.assertEqual(control.decoder.max_frame, HANDSHAKE_MAX_FRAME)
@@ -375,7 +376,7 @@ class HandshakeLimitTests(SynchronousTestCase):
         welcome = codec.FrameDecoder().feed(transport.value())[0]
         self.assertEqual(welcome.max_frame, 10 * 1024 * 1024)
 
-        early = ControlLinkProtocol(clock, 5.0, 10 * 1024 * 1024, "a", ROUTES, lambda p: RecordingHandler())
+        early = ControlLinkProtocol(clock, 5.0, 10 * 1024 * 1024, "a", lambda: ROUTES, lambda p: RecordingHandler())
         early.makeConnection(StringTransport())
         early.dataReceived(struct.pack(">I", HANDSHAKE_MAX_FRAME + 1))
         self.assertIn("bad-frame", early.close_reason)
@@ -401,7 +402,7 @@ class HeartbeatTests(SynchronousTestCase):
     def test_silent_peer_is_dropped(self) -> None:
         """A peer silent for three heartbeat intervals is disconnected."""
         clock = Clock()
-        control = ControlLinkProtocol(clock, 5.0, 4096, "a", ROUTES, lambda p: RecordingHandler())
+        control = ControlLinkProtocol(clock, 5.0, 4096, "a", lambda: ROUTES, lambda p: RecordingHandler())
         transport = StringTransport()
         control.makeConnection(transport)
         control.dataReceived(codec.encode(codec.Hello((1,), "a", "t")))
@@ -414,3 +415,42 @@ class HeartbeatTests(SynchronousTestCase):
         self.assertIn("heartbeat-timeout", control.close_reason)
         frames = codec.FrameDecoder().feed(transport.value())
         self.assertIn(codec.Heartbeat(), frames)
+
+
+class ClosingTests(SynchronousTestCase):
+    """Closing says why, sends nothing after, and does not wait forever for a peer that stops reading."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.control = ControlLinkProtocol(self.clock, 1.0, 4096, "a", lambda: ROUTES, lambda p: RecordingHandler())
+        self.transport = StringTransport()
+        self.control.makeConnection(self.transport)
+        self.control.dataReceived(codec.encode(codec.Hello((1,), "a", "t")))
+        self.transport.clear()
+
+    def test_close_then_abort(self) -> None:
+        """After CLOSE, no heartbeat follows; a connection still open after the grace period is aborted."""
+        self.control.close("shutdown", "bye")
+        self.assertEqual(codec.FrameDecoder().feed(self.transport.value()), [codec.Close("shutdown", "bye")])
+        self.assertTrue(self.transport.disconnecting)
+        self.transport.clear()
+        self.clock.advance(CLOSE_GRACE - 0.1)  # several heartbeat intervals
+        self.assertEqual(self.transport.value(), b"")
+        self.assertFalse(self.transport.disconnected)
+        self.clock.advance(0.2)
+        self.assertTrue(self.transport.disconnected)
+        self.control.connectionLost()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_peer_close_then_abort(self) -> None:
+        """A CLOSE from the peer is honoured the same way."""
+        self.control.dataReceived(codec.encode(codec.Close("shutdown", "peer leaves")))
+        self.assertTrue(self.transport.disconnecting)
+        self.clock.advance(CLOSE_GRACE + 0.1)
+        self.assertTrue(self.transport.disconnected)
+
+    def test_clean_close_cancels_the_abort(self) -> None:
+        """A connection that closes in time leaves no timer behind."""
+        self.control.close("shutdown", "bye")
+        self.control.connectionLost()
+        self.assertEqual(self.clock.getDelayedCalls(), [])

@@ -16,9 +16,12 @@ from msgmux.oslo.topology import QueueSpec
 from msgmux.relay import Relay
 from msgmux.routing import Source
 from msgmux.stats import LinkStats
+from msgmux.streams import OFFSET_HEADER, StreamPosition
 
 
 class FakeLink:
+    established = True
+
     def __init__(self) -> None:
         self.send_credit = 0
         self.sent: list[bytes] = []
@@ -61,3 +64,57 @@ class CreditOrderTests(SynchronousTestCase):
         link.send_credit = 1
         relay._delivered(casts, delivery(b"cast-3"))  # nothing waits: straight out
         self.assertEqual(link.sent[-1], b"cast-3")
+
+
+class RecordingChannel:
+    """A channel that records how deliveries are settled."""
+
+    is_open = True
+
+    def __init__(self) -> None:
+        self.settled: list[tuple[Any, ...]] = []
+
+    def ack(self, tag: int) -> None:
+        self.settled.append(("ack", tag))
+
+    def reject(self, tag: int, requeue: bool) -> None:
+        self.settled.append(("reject", tag, requeue))
+
+
+class ClosingSessionTests(SynchronousTestCase):
+    """
+    Deliveries that arrive while the session closes are left to the broker:
+    the channel closes with the session and hands them back.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.link = FakeLink()
+        self.link.send_credit = 10
+        self.relay = PassThrough(self.link, object(), self.clock, 10, LinkStats("l", self.clock))  # type: ignore[arg-type]
+        self.channel = RecordingChannel()
+        self.source = Source(QueueSpec("t", False, False), (), RpcAddress(None, "t"))
+
+    def deliver(self, tag: int, redelivered: bool, headers: dict[str, Any] | None = None) -> Delivery:
+        properties = {"headers": headers} if headers else {}
+        return Delivery(self.channel, "c", tag, redelivered, "", "t", properties, b"x", None)  # type: ignore[arg-type]
+
+    def test_link_closing(self) -> None:
+        """Neither sent nor settled once the link is closing, fresh or redelivered."""
+        self.link.established = False  # type: ignore[misc]
+        self.relay._delivered(self.source, self.deliver(1, False))
+        self.relay._delivered(self.source, self.deliver(2, True))
+        self.assertEqual((self.link.sent, self.channel.settled), ([], []))
+
+    def test_session_ended(self) -> None:
+        """Neither sent nor settled after the session ended, while the channel's close is under way."""
+        self.relay.active = False
+        self.relay._delivered(self.source, self.deliver(1, True))
+        self.assertEqual((self.link.sent, self.channel.settled), ([], []))
+
+    def test_stream_resumes_at_unsent(self) -> None:
+        """A stream message that arrived while closing is where the next session resumes."""
+        position = StreamPosition()
+        self.link.established = False  # type: ignore[misc]
+        self.relay._stream_delivered(self.source, position, self.deliver(1, False, {OFFSET_HEADER: 41}))
+        self.assertEqual(position.resume(), 41)

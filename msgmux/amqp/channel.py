@@ -113,12 +113,14 @@ class Channel:
         self._publish_tag = 0
         self._confirming = False
         # Mandatory publishes awaiting their confirm, by tag (in publish
-        # order), with where they went; and those the broker returned.
-        # RabbitMQ sends basic.return before the basic.ack of the same
-        # message, so a return belongs to the oldest unconfirmed mandatory
-        # publish to that exchange and routing key.
+        # order), with where they went; and the destinations of returns not
+        # yet matched to a publish.  RabbitMQ sends basic.return just before
+        # the basic.ack of the same message, and the ack of an unroutable
+        # message can overtake those of earlier, routed ones; so a return
+        # belongs to a publish to its destination among those the next ack
+        # settles, not to the oldest one to that destination.
         self._mandatory: dict[int, tuple[str, str]] = {}
-        self._returned: set[int] = set()
+        self._returns: list[tuple[str, str]] = []
         # Delivery tags of a channel are consecutive from 1.  Every tag below
         # _low is settled (acked or rejected); _settled holds settled tags
         # above it.  This lets one basic.ack with multiple=True settle a
@@ -349,14 +351,32 @@ class Channel:
                 done.append(pending)
         else:
             done = [tag] if tag in confirms else []
-        mandatory, returned = self._mandatory, self._returned
+        returned = self._match_returns(done) if self._returns else ()
+        mandatory = self._mandatory
         for t in done:
             outcome, argument = confirms.pop(t)
             error: Exception | None = None if ok else PublishRefused(f"broker refused publish {t}")
             if mandatory and mandatory.pop(t, None) is not None and t in returned:
-                returned.discard(t)
                 error = PublishReturned(f"broker returned publish {t}: no queue took it")
             outcome(argument, error)
+
+    def _match_returns(self, done: list[int]) -> set[int]:
+        """
+        @param done: the publish tags one confirm settles.
+        @return: those of them the pending returns belong to: for each
+            return, the latest publish to its destination in C{done} (a
+            return that matches none waits for the next confirm).
+        """
+        returned: set[int] = set()
+        unmatched = []
+        for destination in self._returns:
+            candidates = [t for t in done if t not in returned and self._mandatory.get(t) == destination]
+            if candidates:
+                returned.add(max(candidates))
+            else:
+                unmatched.append(destination)
+        self._returns = unmatched
+        return returned
 
     def delivered(
         self,
@@ -392,10 +412,8 @@ class Channel:
         self, code: int, text: str, exchange: str, routing_key: str, properties: dict[str, Any], body: bytes
     ) -> None:
         """The broker could not route a mandatory publish."""
-        for tag, destination in self._mandatory.items():
-            if destination == (exchange, routing_key) and tag not in self._returned:
-                self._returned.add(tag)
-                break
+        if len(self._returns) < len(self._mandatory) and (exchange, routing_key) in self._mandatory.values():
+            self._returns.append((exchange, routing_key))
         for observer in list(self.return_observers):
             observer(code, text, exchange, routing_key, properties, body)
 
@@ -413,7 +431,7 @@ class Channel:
         self._consumers.clear()
         confirms, self._confirms = self._confirms, {}
         self._mandatory.clear()
-        self._returned.clear()
+        self._returns.clear()
         for outcome, argument in confirms.values():
             outcome(argument, ChannelLost(str(reason.value)))
         for observer in list(self.lost_observers):

@@ -68,6 +68,12 @@ HANDSHAKE_MAX_FRAME = 16 * 1024
 #: Characters of peer-supplied text (CLOSE details, HELLO software) logged.
 LOGGED_TEXT = 200
 
+#: Seconds a closing connection may take to deliver its CLOSE frame and
+#: what is buffered before it is aborted.  Without this a peer that stops
+#: reading would keep the connection, and the session with its unsettled
+#: deliveries, for as long as it likes.
+CLOSE_GRACE = 5.0
+
 #: Seconds a sent message may stay unacknowledged before the session is
 #: closed (its broker then redelivers it, possibly to a competing consumer).
 #: A half whose broker blocks publishing holds messages legitimately, but not
@@ -153,6 +159,7 @@ class LinkProtocol(TwistedProtocol):
         self._last_sent = 0.0
         self._heartbeat_loop: LoopingCall | None = None
         self._handshake_timer: Any = None
+        self._abort_timer: Any = None
 
     # --- connection lifecycle ---------------------------------------------
 
@@ -180,6 +187,9 @@ class LinkProtocol(TwistedProtocol):
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
             self._handshake_timer = None
+        if self._abort_timer is not None and self._abort_timer.active():
+            self._abort_timer.cancel()
+        self._abort_timer = None
         if self._heartbeat_loop is not None and self._heartbeat_loop.running:
             self._heartbeat_loop.stop()
         if self._flush_call is not None and self._flush_call.active():
@@ -211,7 +221,25 @@ class LinkProtocol(TwistedProtocol):
         if self.transport is not None:
             self._flush()
             self._write(Close(code, detail[:500]))
-            self.transport.loseConnection()
+            self._disconnect()
+
+    def _disconnect(self) -> None:
+        """
+        Close the connection once what is buffered is written, or abort it
+        after L{CLOSE_GRACE} seconds if the peer does not read it.
+        """
+        if self._heartbeat_loop is not None and self._heartbeat_loop.running:
+            self._heartbeat_loop.stop()
+        self.transport.loseConnection()
+        if self._abort_timer is None:
+            self._abort_timer = self.clock.callLater(CLOSE_GRACE, self._abort)
+
+    def _abort(self) -> None:
+        self._abort_timer = None
+        self._log.warn(
+            "Link {link}: the peer did not take the close for {grace:.0f}s; aborting", link=self.link_name or "?", grace=CLOSE_GRACE
+        )
+        self.transport.abortConnection()
 
     def _violation(self, code: str, detail: str) -> None:
         self._log.warn(
@@ -263,7 +291,7 @@ class LinkProtocol(TwistedProtocol):
             code, detail = frame.code[:40], frame.detail[:LOGGED_TEXT]
             self.close_reason = f"peer closed: {code}: {detail}"
             self._log.info("Link {link}: peer closed ({code}): {detail}", link=self.link_name or "?", code=code, detail=detail)
-            self.transport.loseConnection()
+            self._disconnect()
             return
         if not self.established:
             raise ProtocolViolation("unexpected-frame", f"{type(frame).__name__} before the handshake completed")
@@ -462,7 +490,7 @@ class ControlLinkProtocol(LinkProtocol):
         heartbeat: float,
         max_frame: int,
         link_name: str,
-        routes: dict[str, Any],
+        routes: Callable[[], dict[str, Any]],
         attach: Callable[[ControlLinkProtocol], SessionHandler | str],
     ) -> None:
         super().__init__(clock, heartbeat, min(max_frame, HANDSHAKE_MAX_FRAME))
@@ -509,7 +537,7 @@ class ControlLinkProtocol(LinkProtocol):
                 session=self.session,
                 heartbeat=self.heartbeat,
                 max_frame=self._session_max_frame,
-                routes=self._routes,
+                routes=self._routes(),  # as they are now, not when the connection came
             )
         )
         self._log.info(
