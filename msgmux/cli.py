@@ -71,8 +71,7 @@ def client_endpoint(reactor: Any, description: str) -> Any:
         (C{tcp:9464:interface=127.0.0.1}, C{unix:/run/msgmux/metrics.sock}).
     @return: a client endpoint reaching it.
     """
-    kind, _, rest = description.partition(":")
-    fields = rest.split(":")
+    kind, *fields = _endpoint_fields(description)
     options = dict(field.split("=", 1) for field in fields if "=" in field)
     positional = [field for field in fields if "=" not in field]
     if kind == "unix":
@@ -81,6 +80,29 @@ def client_endpoint(reactor: Any, description: str) -> Any:
     if kind == "tcp6":
         return TCP6ClientEndpoint(reactor, options.get("interface", "::1"), port)
     return TCP4ClientEndpoint(reactor, options.get("interface", "127.0.0.1"), port)
+
+
+def _endpoint_fields(description: str) -> list[str]:
+    """
+    Split an endpoint description at its colons, as Twisted does: a
+    backslash makes the next character literal (C{interface=\\:\\:1}).
+    """
+    fields: list[str] = []
+    current: list[str] = []
+    escaped = False
+    for character in description:
+        if escaped:
+            current.append(character)
+            escaped = False
+        elif character == "\\":
+            escaped = True
+        elif character == ":":
+            fields.append("".join(current))
+            current = []
+        else:
+            current.append(character)
+    fields.append("".join(current))
+    return fields
 
 
 class _EndpointFactory:

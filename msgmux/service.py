@@ -197,6 +197,10 @@ class MsgmuxService(Service):
         self.control = ControlHalf(config.control, reactor) if config.control else None
         self.tenant = TenantHalf(config.tenant, reactor) if config.tenant else None
         self.collector = MsgmuxCollector(self._monitored(), self._brokers())
+        # Reloads (which wait for removed links to drain) and the stop run
+        # one at a time, so that two SIGHUPs in a row apply the newest file
+        # once each, and a stop never meets a reload halfway.
+        self._changes = defer.DeferredLock()
         self.metrics: StreamServerEndpointService | None = None
         address = (config.control.metrics if config.control else None) or (config.tenant.metrics if config.tenant else None)
         if address:
@@ -229,15 +233,20 @@ class MsgmuxService(Service):
         super().stopService()
         if self._previous_hup is not None:
             signal.signal(signal.SIGHUP, self._previous_hup)
-        return defer.Deferred.fromCoroutine(self._stop())
+        return self._changes.run(lambda: defer.Deferred.fromCoroutine(self._stop()))
 
     def reload(self) -> defer.Deferred[None]:
-        """Re-read the configuration file (SIGHUP) and apply link changes."""
-        return defer.Deferred.fromCoroutine(self._reload()).addErrback(
+        """
+        Re-read the configuration file (SIGHUP) and apply link changes, after
+        any reload still in progress.
+        """
+        return self._changes.run(lambda: defer.Deferred.fromCoroutine(self._reload())).addErrback(
             lambda failure: self._log.failure("Reload failed", failure)
         )
 
     async def _reload(self) -> None:
+        if not self.running:
+            return  # stopping, or stopped while this reload waited
         try:
             config = load(self.config.path)
         except ConfigError as e:

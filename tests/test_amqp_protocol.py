@@ -114,6 +114,18 @@ class DeliveryTests(SynchronousTestCase):
         protocol.dataReceived(bytes(frame))
         self.assertTrue(transport.disconnecting)
 
+    def test_undecodable_methods_abort(self) -> None:
+        """
+        Method frames too short for their ids or arguments, or of unknown
+        classes, whether the hot path or txAMQP decodes them, abort the
+        connection with a logged error instead of raising out of dataReceived.
+        """
+        payloads = [b"\x00\x3c", b"\x00\x0a\x00\x32", b"\x00\x0a\x00\x32\x01", b"\x00\x14\x00\x28", b"\xff\xff\xff\xff"]
+        for payload in payloads:
+            protocol, transport, channel = make_protocol()
+            protocol.dataReceived(wire.frame(wire.FRAME_METHOD, 0, payload))
+            self.assertTrue(transport.disconnecting, payload)
+
 
 class AckTests(SynchronousTestCase):
     def test_batches_become_one_multiple_ack(self) -> None:

@@ -12,8 +12,9 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from msgmux.amqp.broker import FailoverEndpoint
-from msgmux.config import parse_transport_url
+from msgmux.amqp.broker import LOGIN_TIMEOUT, BrokerService, FailoverEndpoint
+from msgmux.amqp.protocol import BrokerDelegate, BrokerProtocol
+from msgmux.config import BrokerConfig, parse_transport_url
 
 
 class FailoverTests(SynchronousTestCase):
@@ -51,3 +52,26 @@ class FailoverTests(SynchronousTestCase):
         """Hosts without credentials in the URL use the previous host's."""
         hosts, _ = parse_transport_url("rabbit://a:1@h1,b:2@h2,h3/")
         self.assertEqual([(h.username, h.password) for h in hosts], [("a", "1"), ("b", "2"), ("b", "2")])
+
+
+class LoginTimeoutTests(SynchronousTestCase):
+    def test_silent_host_is_a_failed_attempt(self) -> None:
+        """A host that accepts the connection but never answers the AMQP header is given up after LOGIN_TIMEOUT."""
+        reactor = MemoryReactorClock()
+        hosts, vhost = parse_transport_url("rabbit://u:p@10.0.0.1,10.0.0.2/")
+        service = BrokerService(BrokerConfig(hosts=hosts, virtual_host=vhost, exchange="openstack", heartbeat=0), "control", reactor)
+        protocol = BrokerProtocol(BrokerDelegate(), "/", 0, reactor, "u", "p", "test")
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        proxy = type("Proxy", (), {"_protocol": protocol})()
+        login = service._prepare(proxy)
+        reactor.advance(LOGIN_TIMEOUT - 1)
+        self.assertNoResult(login)
+        self.assertFalse(transport.disconnecting)
+        reactor.advance(2)
+        self.failureResultOf(login)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(service.protocol, None)
+        service._endpoint.connect(Factory.forProtocol(Protocol))  # the next attempt
+        reactor.advance(0)
+        self.assertEqual(service._endpoint.current.host, "10.0.0.2")

@@ -57,3 +57,6 @@ class StatusTests(SynchronousTestCase):
         self.assertEqual(client_endpoint(reactor, "unix:/run/msgmux/m.sock")._path, "/run/msgmux/m.sock")
         tcp = client_endpoint(reactor, "tcp:9464:interface=127.0.0.2")
         self.assertEqual((tcp._host, tcp._port), ("127.0.0.2", 9464))
+        tcp6 = client_endpoint(reactor, "tcp6:9464:interface=\\:\\:1")  # escaped as Twisted's parser wants it
+        self.assertEqual((tcp6._host, tcp6._port), ("::1", 9464))
+        self.assertEqual(client_endpoint(reactor, "tcp:port=9465")._port, 9465)

@@ -6,6 +6,7 @@ refusal of everything that is not a well-formed frame.
 
 from __future__ import annotations
 
+import math
 import struct
 from typing import Any
 
@@ -337,7 +338,7 @@ class RefusalTests(SynchronousTestCase):
         """The body must be a byte string and the deadline a number or null."""
         for body in ("text", None, [1]):
             self.assert_msg_refused(5, body)
-        for deadline in ("soon", b"1", [1.0], True):
+        for deadline in ("soon", b"1", [1.0], True, math.nan, math.inf, -math.inf):
             self.assert_msg_refused(6, deadline)
 
     def test_wrong_field_counts(self) -> None:

@@ -115,6 +115,12 @@ class CheckRequestTests(SynchronousTestCase):
         ):
             self.assertRaises(EnvelopeError, parse(body(inner)).check_request)
 
+    def test_reply_queue_name_length(self) -> None:
+        """A reply queue fits an AMQP queue name (255 bytes of UTF-8) or is refused."""
+        parse(body(call(_reply_q="r" * 255))).check_request()
+        for name in ("r" * 256, "\u00e9" * 128):
+            self.assertRaises(EnvelopeError, parse(body(call(_reply_q=name))).check_request)
+
 
 class WithInnerTests(SynchronousTestCase):
     """Rewriting inner keys."""

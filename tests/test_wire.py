@@ -22,6 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from msgmux.amqp import wire
 from msgmux.amqp.wire import WireError
+from msgmux.link import codec
 
 from . import strategies
 
@@ -320,15 +321,46 @@ class RegressionTests(SynchronousTestCase):
         self.assertEqual(wire.decode_properties(b"\x00\x00", 0), {})
 
     def test_array_nesting_symmetric(self) -> None:
-        """What the encoder accepts the decoder accepts: 33 nested arrays are refused on encode."""
+        """What the encoder accepts the decoder accepts: arrays nested beyond MAX_NESTING are refused both ways."""
         deep: list[object] = []
-        for _ in range(32):
+        for _ in range(wire.MAX_NESTING):
             deep = [deep]
         self.assertRaises(wire.WireError, wire.encode_table, {"a": deep})
         ok: list[object] = []
-        for _ in range(31):
+        for _ in range(wire.MAX_NESTING - 1):
             ok = [ok]
         self.assertEqual(wire.decode_table(wire.encode_table({"a": ok}))[0], {"a": ok})
+
+        def nested_tables(levels: int) -> bytes:
+            """Tables nested C{levels} deep under the outer one, built by hand as a broker could send them."""
+            raw = struct.pack(">I", 0)
+            for _ in range(levels):
+                body = b"\x01nF" + raw
+                raw = struct.pack(">I", len(body)) + body
+            return raw
+
+        self.assertEqual(wire.decode_table(nested_tables(wire.MAX_NESTING))[1], len(nested_tables(wire.MAX_NESTING)))
+        self.assertRaises(wire.WireError, wire.decode_table, nested_tables(wire.MAX_NESTING + 1))
+
+    def test_deepest_headers_cross_the_link(self) -> None:
+        """
+        Whatever headers the AMQP decoder accepts, the link codec carries:
+        a message is never refused by the other half for its headers' depth
+        (which would close the link on every redelivery).
+        """
+        leaves = [1, decimal.Decimal("1.5"), datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc), [decimal.Decimal("2")]]
+        for leaf in leaves:
+            table: dict[str, Any] = {"x": leaf}
+            while True:
+                deeper = {"n": table}
+                try:
+                    wire.encode_table(deeper)
+                except wire.WireError:
+                    break
+                table = deeper
+            properties = wire.decode_properties(b"\0" * 12 + wire.encode_properties({"headers": table}), 12)
+            payload = codec.encode_message(1, codec.Message(0, codec.RpcAddress(None, "t"), properties, b"{}"))
+            self.assertEqual(codec.decode_frame(payload).properties, properties)  # type: ignore[union-attr]
 
     def test_mistyped_properties(self) -> None:
         """Wrongly typed property values raise WireError, not AttributeError."""

@@ -25,6 +25,12 @@ from twisted.python.failure import Failure
 from msgmux.amqp.protocol import BrokerDelegate, BrokerProtocol
 from msgmux.config import BrokerConfig, BrokerHost
 
+#: Seconds from TCP connect to a completed AMQP login.  A host that accepts
+#: connections but never speaks AMQP (a wedged broker, the wrong service on
+#: the port) counts as a failed attempt after it, so the next host is tried;
+#: with AMQP heartbeats off nothing else would ever give up on it.
+LOGIN_TIMEOUT = 30.0
+
 
 class BrokerObserver(Protocol):
     """Something that uses a broker connection while it exists."""
@@ -109,6 +115,7 @@ class BrokerService(Service):
     ) -> None:
         self.name = name
         self.config = config
+        self._clock = reactor
         self._endpoint = FailoverEndpoint(reactor, config.hosts)
         self._service = ClientService(
             self._endpoint,
@@ -147,7 +154,9 @@ class BrokerService(Service):
         return self._service.whenConnected(failAfterFailures=fail_after)
 
     def _prepare(self, proxy: Any) -> defer.Deferred[None]:
-        return defer.Deferred.fromCoroutine(self._login(proxy._protocol))
+        login = defer.Deferred.fromCoroutine(self._login(proxy._protocol))
+        login.addTimeout(LOGIN_TIMEOUT, self._clock)  # type: ignore[arg-type]
+        return login
 
     async def _login(self, protocol: BrokerProtocol) -> None:
         host = self._endpoint.current
@@ -156,11 +165,15 @@ class BrokerService(Service):
         except Exception as e:
             self._endpoint.failed()
             self._log.warn(
-                "Broker {name} at {host}:{port} refused the login: {error}",
+                "Broker {name} at {host}:{port}: {error}",
                 name=self.name,
                 host=host.host,
                 port=host.port,
-                error=_describe(e),
+                error=(
+                    f"no login within {LOGIN_TIMEOUT:.0f}s"
+                    if isinstance(e, defer.CancelledError)
+                    else f"refused the login: {_describe(e)}"
+                ),
             )
             protocol.transport.abortConnection()
             raise

@@ -185,13 +185,25 @@ class BrokerProtocol(AMQClient):
                     raise wire.WireError("frame does not end with frame-end")
                 payload = bytes(buffer[offset + 7 : stop])
                 if not self._hot_frame(frame_type, channel, payload):
-                    self.frame_received(self._unpack_frame(bytes(buffer[offset : stop + 1])))
+                    self.frame_received(self._decode_frame(bytes(buffer[offset : stop + 1])))
                 offset = stop + 1
         except wire.WireError as e:
             self._log.error("Broker {name} sent invalid AMQP: {error}; closing", name=self._connection_name, error=e)
             self.transport.abortConnection()
         finally:
             del buffer[:offset]
+
+    def _decode_frame(self, raw: bytes) -> Any:
+        """
+        Decode a frame the hot path leaves to txAMQP.
+
+        @raise wire.WireError: for any frame txAMQP cannot decode (its codec
+            raises whatever its reads hit: EOF, struct or key errors).
+        """
+        try:
+            return self._unpack_frame(raw)
+        except Exception as e:
+            raise wire.WireError(f"undecodable frame ({type(e).__name__}: {str(e)[:100]})") from None
 
     def _hot_frame(self, frame_type: int, channel: int, payload: bytes) -> bool:
         """
@@ -207,6 +219,8 @@ class BrokerProtocol(AMQClient):
                 self._content_complete(channel)
             return True
         if frame_type == wire.FRAME_METHOD:
+            if len(payload) < 4:
+                raise wire.WireError("method frame shorter than its class and method ids")
             class_id = (payload[0] << 8) | payload[1]
             method_id = (payload[2] << 8) | payload[3]
             if class_id == wire.BASIC:

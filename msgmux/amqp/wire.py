@@ -107,6 +107,16 @@ def _read_longbytes(data: bytes, offset: int) -> tuple[bytes, int]:
     return data[start:end], end
 
 
+#: Field tables and arrays nested deeper than this inside a table are
+#: refused, both ways.  Headers travel on to the other half, whose link
+#: decoder allows 32 levels for a whole frame: the frame, the properties and
+#: the headers take 3 of them, a decimal or timestamp value up to 2.  A
+#: message the broker delivers with deeper headers must fail here, where it
+#: is refused as malformed, not at the other half, which would close the
+#: link for it on every redelivery.
+MAX_NESTING = 24
+
+
 def _read_value(data: bytes, offset: int, depth: int) -> tuple[Any, int]:
     kind = data[offset : offset + 1]
     offset += 1
@@ -159,7 +169,7 @@ def _read_value(data: bytes, offset: int, depth: int) -> tuple[Any, int]:
 
 
 def _read_table(data: bytes, offset: int, depth: int = 0) -> tuple[dict[str, Any], int]:
-    if depth > 32:
+    if depth > MAX_NESTING:
         raise WireError("field tables nested too deeply")
     (length,) = _U32.unpack_from(data, offset)
     offset += 4
@@ -176,7 +186,7 @@ def _read_table(data: bytes, offset: int, depth: int = 0) -> tuple[dict[str, Any
 
 
 def _read_array(data: bytes, offset: int, depth: int) -> tuple[list[Any], int]:
-    if depth > 32:
+    if depth > MAX_NESTING:
         raise WireError("field arrays nested too deeply")
     (length,) = _U32.unpack_from(data, offset)
     offset += 4
@@ -231,7 +241,7 @@ def _encode_value(value: Any, out: list[bytes], depth: int) -> None:
     elif kind is dict:
         out.append(b"F" + _encode_table(value, depth + 1))
     elif kind is list or kind is tuple:
-        if depth + 1 > 32:
+        if depth + 1 > MAX_NESTING:
             raise WireError("field arrays nested too deeply")
         items: list[bytes] = []
         for item in value:
@@ -272,7 +282,7 @@ def _encode_timestamp(value: datetime.datetime) -> bytes:
 
 
 def _encode_table(table: dict[str, Any], depth: int = 0) -> bytes:
-    if depth > 32:
+    if depth > MAX_NESTING:
         raise WireError("field tables nested too deeply")
     out: list[bytes] = []
     for key, value in table.items():

@@ -396,7 +396,12 @@ def _decode_message(array: list[Any]) -> Message:
     if deadline is not None:
         if type(deadline) is not float and type(deadline) is not int:
             raise FrameError("MSG deadline must be a number or null")
-        deadline = float(deadline)
+        try:
+            deadline = float(deadline)
+        except OverflowError:
+            raise FrameError("MSG deadline out of range") from None
+        if not math.isfinite(deadline):
+            raise FrameError("MSG deadline must be finite")
     return Message(seq, _decode_address(kind, address), _decode_properties(properties), body, deadline)
 
 

@@ -72,6 +72,10 @@ class Envelope:
         would reach the server unrewritten and make it answer into an
         arbitrary queue.  So it is refused.
 
+        A C{_reply_q} longer than an AMQP queue name (255 bytes) is refused
+        too: no reply could be published to it, and the reply's link frame
+        would be refused by the other half.
+
         @raise EnvelopeError: for such a request.
         """
         inner = self.inner
@@ -80,6 +84,8 @@ class Envelope:
         msg_id, reply_queue = inner.get("_msg_id"), inner.get("_reply_q")
         if type(msg_id) is not str or type(reply_queue) is not str or not msg_id or not reply_queue:
             raise EnvelopeError("a request with _msg_id or _reply_q needs both, as non-empty text")
+        if len(reply_queue.encode("utf-8", "surrogatepass")) > 255:
+            raise EnvelopeError("_reply_q is longer than an AMQP queue name (255 bytes)")
 
     def with_inner(self, **changes: Any) -> bytes:
         """
