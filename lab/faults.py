@@ -20,6 +20,7 @@ that wants messages to survive a broker restart configures oslo).
 from __future__ import annotations
 
 import argparse
+import re
 import signal
 import sys
 import time
@@ -68,6 +69,10 @@ class Row:
     duplicated: int
     failed_sends: int
     outage: float
+    #: Whether the halves' logs show the fault happened (a session or broker
+    #: connection lost and made again), so that a fault that did nothing
+    #: cannot pass for one that lost nothing.
+    fault_seen: bool = False
 
 
 def streams(scale: float) -> list[Stream]:
@@ -91,6 +96,8 @@ class Scenario:
         self.control_half: HalfProcess | None = None
         self.tenant_half: HalfProcess | None = None
         self.cutter: HalfProcess | None = None
+        #: Every half this scenario started, with its side, replacements included.
+        self.halves: list[tuple[str, HalfProcess]] = []
 
     # --- set-up -----------------------------------------------------------
 
@@ -134,6 +141,7 @@ link = "faults"
         await lab.wait_for_log(self.control_half, "listening on")
         self.cutter = lab.spawn([sys.executable, "-m", "lab.cutter", self.cut_socket, self.socket], f"{self.tag}-cutter")
         self.tenant_half = lab.spawn_half(self.tenant_config, f"{self.tag}-tenant", in_tenant_network=True)
+        self.halves += [("control", self.control_half), ("tenant", self.tenant_half)]
         await lab.wait_for_log(self.control_half, "control broker channel ready")
         await lab.wait_for_log(self.tenant_half, "tenant broker channel ready")
         rabbit = {"amqp_durable_queues": True, "rabbit_retry_interval": 1, "rabbit_retry_backoff": 1}
@@ -158,6 +166,7 @@ link = "faults"
         await task.deferLater(self.lab.reactor, downtime, lambda: None)
         config = self.control_config if which == "control" else self.tenant_config
         replacement = self.lab.spawn_half(config, f"{self.tag}-{which}-again", in_tenant_network=which == "tenant")
+        self.halves.append((which, replacement))
         if which == "control":
             self.control_half = replacement
         else:
@@ -217,7 +226,24 @@ link = "faults"
                 )
             )
         self.oslo_dropped = await self.control.request("duplicates") + await self.tenant.request("duplicates")
-        return rows
+        seen = self.fault_seen()
+        return [attrs.evolve(row, fault_seen=seen) for row in rows]
+
+    def fault_seen(self) -> bool:
+        """Whether the halves' logs show what the fault must have caused."""
+        logs = {side: "".join(half.log() for s, half in self.halves if s == side) for side in ("control", "tenant")}
+        tenant_sessions = len(re.findall(r"Link faults: session \w+ up", logs["tenant"]))
+        lost_control = "Lost the control broker" in logs["control"]
+        lost_tenant = "Lost the tenant broker" in logs["tenant"]
+        evidence = {
+            "kill -9 control half": tenant_sessions >= 2 and sum(s == "control" for s, _ in self.halves) == 2,
+            "kill -9 tenant half": tenant_sessions >= 2 and sum(s == "tenant" for s, _ in self.halves) == 2,
+            "restart control broker": lost_control,
+            "restart tenant broker": lost_tenant,
+            "cut the socket": tenant_sessions >= 2,
+            "drop broker connections": lost_control and lost_tenant,
+        }
+        return evidence[self.name]
 
     async def settle(self, load: list[Stream], quiet: float = 5.0, limit: float = 90.0) -> None:
         """Wait until every sent message arrived, or nothing arrived for C{quiet} seconds."""
@@ -294,7 +320,10 @@ async def main(reactor: Any, arguments: argparse.Namespace) -> None:
     print("lost: sent but never seen by the receiving oslo service (must be 0 for casts and notifications);")
     print("dup: seen more than once by the service; oslo-dropped: duplicates oslo's _unique_id check dropped (per scenario);")
     print("failed-sends: client-side errors (calls timing out during the fault); outage: longest pause in deliveries after the fault.")
-    if any(row.lost for row, _ in results if row.stream != "calls down"):
+    unseen = sorted({row.fault for row, _ in results if not row.fault_seen})
+    if unseen:
+        print(f"NOT SEEN in the halves' logs (the fault may not have happened): {', '.join(unseen)}")
+    if unseen or any(row.lost for row, _ in results if row.stream != "calls down"):
         raise SystemExit(1)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import tempfile
@@ -26,13 +27,16 @@ class CheckConfigTests(SynchronousTestCase):
         self.assertIn("up    rpc q-reports-state", out.getvalue())
 
     def test_error(self) -> None:
-        """A bad file gives exit status 1 and prints nothing on standard output."""
+        """A bad file gives exit status 1, nothing on standard output, and the file, key and problem on standard error."""
         with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
             f.write('[tenant]\ntransport_url = "amqp://h/"\nsocket = "/run/x.sock"\n')
         self.addCleanup(os.unlink, f.name)
-        out = io.StringIO()
-        self.assertEqual(check_config(f.name, out), 1)
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stderr(err):
+            self.assertEqual(check_config(f.name, out), 1)
         self.assertEqual(out.getvalue(), "")
+        self.assertTrue(err.getvalue().startswith(f"msgmux: {f.name}: tenant.transport_url: "), err.getvalue())
+        self.assertIn("rabbit", err.getvalue())
 
 
 class StatusTests(SynchronousTestCase):

@@ -170,6 +170,31 @@ class HostileInputTests(SynchronousTestCase):
         """Arbitrary bytes give frames or FrameError."""
         self.assert_frames_or_frame_error(data)
 
+    @given(st.lists(st.binary(max_size=60).map(_prefixed) | st.binary(max_size=12), max_size=6), st.lists(st.integers(0, 500)))
+    def test_arbitrary_bytes_at_any_split(self, pieces: list[bytes], cuts: list[int]) -> None:
+        """
+        Bytes fed in any chunks give what they give fed at once: the same
+        frames, or a FrameError (never another exception).
+        """
+        data = b"".join(pieces)
+        bounds = sorted({cut % (len(data) + 1) for cut in cuts})
+        chunks = [data[start:end] for start, end in zip([0] + bounds, bounds + [len(data)])]
+
+        def outcome(chunks: list[bytes]) -> tuple[list[Any], bool]:
+            decoder, frames = FrameDecoder(), []
+            for chunk in chunks:
+                try:
+                    frames += decoder.feed(chunk)
+                except FrameError:
+                    return frames, True
+            return frames, False
+
+        whole, whole_failed = outcome([data])
+        split, split_failed = outcome(chunks)
+        self.assertEqual(split_failed, whole_failed)
+        if not whole_failed:
+            self.assertEqual(split, whole)
+
     @given(st.binary(max_size=400))
     def test_arbitrary_payload(self, payload: bytes) -> None:
         """Arbitrary bytes behind a valid length prefix give exactly one frame or FrameError."""

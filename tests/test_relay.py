@@ -13,7 +13,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from msgmux.amqp.channel import Delivery
 from msgmux.link.codec import Message, ReplyAddress, RpcAddress
 from msgmux.oslo.topology import QueueSpec
-from msgmux.relay import Relay
+from msgmux.relay import Publication, Relay
+from msgmux.routing import Destination
 from msgmux.routing import Source
 from msgmux.stats import LinkStats
 from msgmux.streams import OFFSET_HEADER, StreamPosition
@@ -118,3 +119,86 @@ class ClosingSessionTests(SynchronousTestCase):
         self.link.established = False  # type: ignore[misc]
         self.relay._stream_delivered(self.source, position, self.deliver(1, False, {OFFSET_HEADER: 41}))
         self.assertEqual(position.resume(), 41)
+
+
+class ExpiryLink(FakeLink):
+    """A link end that also records what the relay acknowledges and grants."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.acknowledged: list[int] = []
+        self.granted = 0
+
+    def acknowledge(self, seq: int) -> None:
+        self.acknowledged.append(seq)
+
+    def grant(self, increment: int) -> None:
+        self.granted += increment
+
+
+class PublishingChannel(RecordingChannel):
+    """A channel that records publishes (their confirms never come)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.published: list[tuple[str, dict[str, Any]]] = []
+
+    def publish_then(self, exchange: str, key: str, properties: dict[str, Any], body: bytes, *rest: Any) -> None:
+        self.published.append((key, properties))
+
+
+class WithDeadline(Relay):
+    """Gives every message, either way, the deadline the test sets."""
+
+    deadline = 0.0
+
+    def outbound(self, source: Source, delivery: Delivery) -> Message:
+        return Message(0, source.address_for(delivery.routing_key), {}, delivery.body, self.deadline)
+
+    def inbound(self, message: Message) -> Publication:
+        return Publication(Destination("openstack", "t"), {}, message.body, self.deadline)
+
+
+class ExpiryTests(SynchronousTestCase):
+    """
+    A call whose deadline passed while msgmux held it is dropped, counted,
+    and settled at its source; one still in time carries what is left of
+    its deadline as the AMQP expiration.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.link = ExpiryLink()
+        self.link.send_credit = 10
+        self.relay = WithDeadline(self.link, object(), self.clock, 10, LinkStats("l", self.clock))  # type: ignore[arg-type]
+        self.channel = PublishingChannel()
+        self.relay.channel = self.channel  # type: ignore[assignment]
+        self.source = Source(QueueSpec("t", False, False), (), RpcAddress(None, "t"))
+
+    def test_expired_while_waiting_for_credit(self) -> None:
+        """Not sent on the link; acked on its broker, since nobody wants it any more."""
+        self.link.send_credit = 0
+        self.relay.deadline = 1001.0
+        self.relay._delivered(self.source, Delivery(self.channel, "c", 1, False, "", "t", {}, b"late", None))  # type: ignore[arg-type]
+        self.clock.advance(2)
+        self.link.send_credit = 1
+        self.relay.credit_received()
+        self.assertEqual(self.link.sent, [])
+        self.assertEqual(self.channel.settled, [("ack", 1)])
+        self.assertEqual(self.relay.stats.get("expired", direction="out"), 1)
+
+    def test_expired_before_publish(self) -> None:
+        """Not published; acknowledged to the peer, which acks it at its source."""
+        self.relay.deadline = 999.0
+        self.relay.message_received(Message(1, RpcAddress(None, "t"), {}, b"late", 999.0))
+        self.assertEqual(self.channel.published, [])
+        self.assertEqual(self.link.acknowledged, [1])
+        self.assertEqual(self.relay.stats.get("expired", direction="in"), 1)
+
+    def test_in_time_carries_the_rest_as_expiration(self) -> None:
+        """Published with the milliseconds it has left."""
+        self.relay.deadline = 1002.5
+        self.relay.message_received(Message(1, RpcAddress(None, "t"), {}, b"call", 1002.5))
+        self.assertEqual(self.channel.published, [("t", {"expiration": "2500"})])
+        self.assertEqual(self.link.acknowledged, [])

@@ -25,17 +25,28 @@ class RawTenant(Protocol):
     bytes) the test gives it and records every frame it gets back.
     """
 
+    #: Seconds between the HEARTBEATs it sends, so that the control half
+    #: does not close a session for silence while a test takes its time.
+    HEARTBEAT = 0.5
+
     def __init__(self, reactor: Any) -> None:
         self.reactor = reactor
         self.decoder = codec.FrameDecoder()
         self.frames: list[codec.Frame] = []
         self.closed: defer.Deferred[None] = defer.Deferred()
         self.next_seq = 1
+        self._heartbeats = task.LoopingCall(lambda: self.send(codec.Heartbeat()))
+        self._heartbeats.clock = reactor
+
+    def connectionMade(self) -> None:
+        self._heartbeats.start(self.HEARTBEAT, now=False)
 
     def dataReceived(self, data: bytes) -> None:
         self.frames.extend(self.decoder.feed(data))
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        if self._heartbeats.running:
+            self._heartbeats.stop()
         if not self.closed.called:
             self.closed.callback(None)
 

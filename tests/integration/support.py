@@ -18,8 +18,10 @@ from typing import Any
 
 from twisted.internet import defer, reactor, threads
 from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent, readBody
 
 from lab.lab import HalfProcess, Lab
+from msgmux.cli import client_endpoint
 from lab.peer import OsloPeer
 
 _lab: Lab | None = None
@@ -27,9 +29,18 @@ _lab_lock = threading.Lock()
 
 
 def skip_reason() -> str | None:
-    """Why integration tests cannot run here, or L{None}."""
+    """
+    Why integration tests are skipped, or L{None}: only when they were not
+    asked for.  Asked for (C{make test}), they fail on a machine that cannot
+    run them, rather than pass by skipping.
+    """
     if os.environ.get("MSGMUX_INTEGRATION") != "1":
         return "integration tests run with MSGMUX_INTEGRATION=1 (make test sets it)"
+    return None
+
+
+def missing_prerequisite() -> str | None:
+    """What this machine lacks to run the integration tests, or L{None}."""
     if os.geteuid() != 0:
         return "integration tests need root (ip netns, a private RabbitMQ node)"
     if shutil.which("rabbitmq-server") is None or shutil.which("ip") is None:
@@ -48,6 +59,17 @@ def _shared_lab() -> Lab:
         return _lab
 
 
+async def fetch_metrics(reactor: Any, endpoint: str) -> str:
+    """The Prometheus text a running half serves on C{endpoint} (an endpoint description)."""
+
+    class Endpoints:
+        def endpointForURI(self, uri: Any) -> Any:
+            return client_endpoint(reactor, endpoint)
+
+    response = await Agent.usingEndpointFactory(reactor, Endpoints()).request(b"GET", b"http://msgmux/metrics")
+    return (await readBody(response)).decode()  # type: ignore[no-any-return]
+
+
 def shared_lab() -> defer.Deferred[Lab]:
     """The run's lab, started on first use (in a thread: it blocks)."""
     return threads.deferToThread(_shared_lab)
@@ -62,15 +84,22 @@ def control_config(
     limits: str = "",
     extra: str = "",
     queues: str = "",
+    link_heartbeat: float = 1.0,
 ) -> str:
-    """Write a control half config; C{routes} is the TOML body of the link."""
+    """
+    Write a control half config; C{routes} is the TOML body of the link.
+
+    @param link_heartbeat: short by default, so that tests which stop a half
+        see the session end quickly; a test that freezes a half on purpose
+        sets it longer than the freeze.
+    """
     return lab.write(
         f"{link}-control.toml",
         f"""
 [control]
 transport_url = "{lab.control_node.url(vhost)}"
 exchange = "openstack"
-link_heartbeat = 1.0
+link_heartbeat = {link_heartbeat}
 {extra}
 
 [control.queues]
@@ -87,7 +116,7 @@ socket = "{socket}"
     )
 
 
-def tenant_config(lab: Lab, vhost: str, socket: str, link: str, queues: str = "") -> str:
+def tenant_config(lab: Lab, vhost: str, socket: str, link: str, queues: str = "", extra: str = "") -> str:
     """Write a tenant half config."""
     return lab.write(
         f"{link}-tenant.toml",
@@ -97,6 +126,7 @@ transport_url = "{lab.tenant_node.url(vhost)}"
 exchange = "openstack"
 socket = "{socket}"
 link = "{link}"
+{extra}
 
 [tenant.queues]
 {queues}
@@ -117,6 +147,9 @@ class LabTestCase(TestCase):
     skip = skip_reason()
 
     async def _set_up(self) -> None:
+        missing = missing_prerequisite()
+        if missing is not None:
+            raise RuntimeError(missing)
         self.lab = await shared_lab()
         self.tag = uuid.uuid4().hex[:8]
         self.control_vhost, self.tenant_vhost = await threads.deferToThread(self.lab.vhosts, self.tag)
@@ -138,6 +171,8 @@ class LabTestCase(TestCase):
         queues: str = "",
         tenant_queues: str = "",
         wait: bool = True,
+        link_heartbeat: float = 1.0,
+        tenant_extra: str = "",
     ) -> tuple[HalfProcess, HalfProcess]:
         """
         Start a control half and a tenant half for one link and wait until
@@ -145,13 +180,13 @@ class LabTestCase(TestCase):
         """
         socket = self.socket_path(link)
         control = self.lab.spawn_half(
-            control_config(self.lab, self.control_vhost, socket, f"{link}", routes, limits, extra, queues),
+            control_config(self.lab, self.control_vhost, socket, f"{link}", routes, limits, extra, queues, link_heartbeat),
             f"{link}-{self.tag}-control",
             in_tenant_network=False,
         )
         await self.lab.wait_for_log(control, "listening on")
         tenant = self.lab.spawn_half(
-            tenant_config(self.lab, self.tenant_vhost, socket, link, tenant_queues),
+            tenant_config(self.lab, self.tenant_vhost, socket, link, tenant_queues, tenant_extra),
             f"{link}-{self.tag}-tenant",
             in_tenant_network=True,
         )

@@ -28,7 +28,8 @@ class LinkUpTests(LabTestCase):
         control, tenant = await self.start_link(ROUTES)
         log = control.log()
         self.assertIn("Link tenant-a: session", log)
-        self.assertIn("tenant half connected (pid", log)
+        # SO_PEERCRED: the real process on the other end of the socket.
+        self.assertIn(f"tenant half connected (pid {tenant.transport.pid}, uid {os.getuid()}, gid {os.getgid()})", log)
         self.assertIn("Connected to control broker", log)
         self.assertIn("Connected to tenant broker", tenant.log())
         mode = stat.S_IMODE(os.stat(self.socket_path("tenant-a")).st_mode)

@@ -68,5 +68,12 @@ class NotificationTests(LabTestCase):
         await control.request(
             "notify", topic="versioned_notifications", priority="error", event_type="instance.failed", payload={}
         )
-        got = await collected(tenant, "vm-agent", 1, self.lab.reactor)
-        self.assertEqual([(n["event_type"], n["payload"]) for n in got], [("instance.create.end", {"uuid": "i-1"})])
+        await control.request(
+            "notify", topic="versioned_notifications", priority="info", event_type="instance.sentinel", payload={}
+        )
+        await collected(tenant, "vm-agent", 2, self.lab.reactor)
+        await task.deferLater(self.lab.reactor, 1.0, lambda: None)  # room for a wrongly relayed error to show up
+        got = await tenant.request("received", name="vm-agent")
+        self.assertEqual(
+            [(n["event_type"], n["payload"]) for n in got], [("instance.create.end", {"uuid": "i-1"}), ("instance.sentinel", {})]
+        )

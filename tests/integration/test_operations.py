@@ -42,8 +42,10 @@ class OperationsTests(LabTestCase):
 
     async def test_status_metrics_and_health(self) -> None:
         """msgmux status and /metrics report the link; health follows canaries, not the connection."""
-        extra = f'metrics = "{self.metrics_endpoint()}"\ncanary_interval = 0.3\nlink_heartbeat = 10.0'
-        control_half, tenant_half = await self.start_link(ROUTES, extra=extra.replace("link_heartbeat = 10.0", ""))
+        extra = f'metrics = "{self.metrics_endpoint()}"\ncanary_interval = 0.3'
+        # The link heartbeat outlasts the freeze below: the test must see the
+        # link unhealthy while its session is still up.
+        control_half, tenant_half = await self.start_link(ROUTES, extra=extra, link_heartbeat=10.0)
         control, tenant = await self.peers()
         await tenant.request("server", name="agent", topic="l3_agent", server="agent")
         await control.request("call", topic="l3_agent", method="echo", kwargs={"x": 1})

@@ -12,7 +12,7 @@ from typing import Any
 from twisted.internet import task
 
 from lab.peer import OsloPeer, PeerFailure
-from tests.integration.support import LabTestCase
+from tests.integration.support import LabTestCase, fetch_metrics
 
 ROUTES = """
 down = [ { topic = "l3_agent", servers = ["agent-1", "agent-2"], fanout = true } ]
@@ -64,7 +64,11 @@ class DownstreamTests(LabTestCase):
         await control.request("cast", topic="l3_agent", server="agent-1", method="echo", kwargs={"direct": True})
         got = await received(tenant, "agent-1", 1, self.lab.reactor, kwargs={"direct": True})
         self.assertIn({"direct": True}, [r["kwargs"] for r in got])
-        self.assertNotIn({"direct": True}, [r["kwargs"] for r in await tenant.request("received", name="agent-2")])
+        # A cast to agent-2 sent after it arrives after anything misrouted to agent-2's queue.
+        await control.request("cast", topic="l3_agent", server="agent-2", method="echo", kwargs={"sentinel": True})
+        got = await received(tenant, "agent-2", 1, self.lab.reactor, kwargs={"sentinel": True})
+        self.assertIn({"sentinel": True}, [r["kwargs"] for r in got])
+        self.assertNotIn({"direct": True}, [r["kwargs"] for r in got])
 
     async def test_fanout_reaches_every_server_once(self) -> None:
         """A fanout cast reaches each tenant server exactly once, and control-side servers too."""
@@ -127,12 +131,26 @@ class DownstreamTests(LabTestCase):
         self.assertEqual(result, 5)
 
     async def test_timeout(self) -> None:
-        """A call outliving its timeout fails with MessagingTimeout, as on one broker."""
-        control, tenant = await self._start()
+        """
+        A call outliving its timeout fails with MessagingTimeout, as on one
+        broker, although the server got it; the reply that comes after the
+        deadline is dropped by the control half and counted.
+        """
+        metrics = f"unix:{self.lab.path('sockets', f'control-metrics-{self.tag}.sock')}"
+        await self.start_link(ROUTES, extra=f'metrics = "{metrics}"')
+        control, tenant = await self.peers()
+        await tenant.request("server", name="agent-1", topic="l3_agent", server="agent-1")
         failure = await self.assertFailure(
             control.request("call", topic="l3_agent", method="sleep", kwargs={"seconds": 4}, timeout=2), PeerFailure
         )
         self.assertEqual(failure.error, "MessagingTimeout")
+        self.assertEqual([r["method"] for r in await received(tenant, "agent-1", 1, self.lab.reactor)], ["sleep"])
+        late = 'msgmux_messages_rejected_total{direction="up",half="control",link="tenant-a",reason="late-reply"} 1.0'
+        waited = 0.0
+        while late not in (text := await fetch_metrics(self.lab.reactor, metrics)) and waited < 20:
+            await settle(self.lab.reactor, 0.2)
+            waited += 0.2
+        self.assertIn(late, text)
 
     async def test_expired_request_not_forwarded(self) -> None:
         """A call that timed out while the tenant half was away never reaches a server."""
@@ -152,6 +170,34 @@ class DownstreamTests(LabTestCase):
         self.assertEqual(reply["kwargs"], {"fresh": True})
         kwargs = [r["kwargs"] for r in await tenant.request("received", name="agent-1")]
         self.assertNotIn({"stale": True}, kwargs)
+
+    async def test_request_expiring_inside_msgmux_is_dropped(self) -> None:
+        """
+        A call whose deadline passes after msgmux took it from the broker
+        (here: while the tenant half is frozen, the request waiting in the
+        socket) is dropped by msgmux and counted, never published for a
+        server to answer too late.
+        """
+        metrics = f"unix:{self.lab.path('sockets', f'tenant-metrics-{self.tag}.sock')}"
+        control_half, tenant_half = await self.start_link(ROUTES, link_heartbeat=10.0, tenant_extra=f'metrics = "{metrics}"')
+        control, tenant = await self.peers()
+        await tenant.request("server", name="agent-1", topic="l3_agent", server="agent-1")
+        await control.request("call", topic="l3_agent", method="echo", kwargs={"warm": True})
+        tenant_half.signal("STOP")
+        failure = await self.assertFailure(
+            control.request("call", topic="l3_agent", method="echo", kwargs={"stale": True}, timeout=2), PeerFailure
+        )
+        self.assertEqual(failure.error, "MessagingTimeout")
+        # msgmux's deadline started when the control half took the request,
+        # a little after the client's: let it pass too.
+        await settle(self.lab.reactor, 1.0)
+        tenant_half.signal("CONT")
+        reply = await control.request("call", topic="l3_agent", method="echo", kwargs={"fresh": True})
+        self.assertEqual(reply["kwargs"], {"fresh": True})
+        kwargs = [r["kwargs"] for r in await tenant.request("received", name="agent-1")]
+        self.assertEqual(kwargs, [{"warm": True}, {"fresh": True}])
+        text = await fetch_metrics(self.lab.reactor, metrics)
+        self.assertIn('msgmux_messages_expired_total{direction="down",half="tenant",link="tenant-a"} 1.0', text)
 
     async def test_large_and_unicode_payloads(self) -> None:
         """1 MiB arguments and nested unicode survive the round trip unchanged."""
@@ -185,6 +231,29 @@ class UpstreamTests(LabTestCase):
         await tenant.request("cast", topic="q-reports", method="echo", kwargs={"up": "cast"})
         got = await received(control, "q-server", 2, self.lab.reactor)
         self.assertEqual([r["kwargs"] for r in got], [{"agent": "a1"}, {"up": "cast"}])
+
+    async def test_remote_exceptions_heartbeats_and_timeouts_up(self) -> None:
+        """
+        Upstream calls behave as on one broker too: a remote exception
+        reaches the agent, call-monitor heartbeats keep a long call alive,
+        and a call outliving its timeout fails with MessagingTimeout.
+        """
+        routes = ROUTES.replace('methods = ["report_state", "echo"]', 'methods = ["report_state", "echo", "boom", "sleep"]')
+        await self.start_link(routes)
+        control, tenant = await self.peers()
+        await control.request("server", name="q-server", topic="q-reports", server="q-server")
+        await settle(self.lab.reactor)
+        failure = await self.assertFailure(tenant.request("call", topic="q-reports", method="boom"), PeerFailure)
+        self.assertEqual(failure.error, "ValueError")
+        self.assertIn("boom from q-server", failure.message)
+        result = await tenant.request(
+            "call", topic="q-reports", method="sleep", kwargs={"seconds": 5}, timeout=30, call_monitor_timeout=2
+        )
+        self.assertEqual(result, 5)
+        failure = await self.assertFailure(
+            tenant.request("call", topic="q-reports", method="sleep", kwargs={"seconds": 4}, timeout=2), PeerFailure
+        )
+        self.assertEqual(failure.error, "MessagingTimeout")
 
     async def test_concurrent_calls_up(self) -> None:
         """50 concurrent agent calls each get their own reply."""

@@ -78,6 +78,30 @@ class TrustTests(LabTestCase):
         self.assertEqual(delivery.body, REPORT)
         self.assertEqual(link.stats.get("relayed", direction="up"), 1)
 
+    async def test_acknowledged_only_once_confirmed(self) -> None:
+        """
+        A message the control broker refuses (a full queue with
+        x-overflow=reject-publish answers with basic.nack) is not
+        acknowledged to the tenant half: it is published again until the
+        broker takes it, and only then ACKed.
+        """
+        half, link, probe = await self._start()
+        protocol = await half.broker.when_connected()
+        channel = await protocol.open_channel()
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(channel.close()))
+        full = {"x-max-length": 1, "x-overflow": "reject-publish"}
+        await channel.declare_queue(f"full-{self.tag}", durable=False, auto_delete=False, arguments=full)
+        await channel.bind_queue(f"full-{self.tag}", "openstack", "q-reports")
+        tenant = await connect_raw(reactor, self.socket_path("tenant-a"))
+        first = tenant.send_message(RpcAddress(None, "q-reports"), oslo_body({"method": "report_state", "_unique_id": "f1"}))
+        self.assertEqual(await tenant.wait_outcome(first), "ack")  # fills the queue
+        second = tenant.send_message(RpcAddress(None, "q-reports"), oslo_body({"method": "report_state", "_unique_id": "f2"}))
+        await tenant.wait_for(lambda: link.stats.get("nacked", direction="up") >= 2)  # refused, retried, refused
+        self.assertIsNone(tenant.outcome(second))
+        await channel._tx.queue_purge(queue=f"full-{self.tag}")  # room again
+        self.assertEqual(await tenant.wait_outcome(second), "ack")
+        self.assertEqual(link.stats.get("relayed", direction="up"), 2)
+
     async def test_policy_refusals(self) -> None:
         """Disallowed routes, methods, servers, fanout and malformed messages are refused, counted, and never published."""
         half, link, probe = await self._start()
@@ -229,9 +253,13 @@ class TrustTests(LabTestCase):
         self.assertEqual(await tenant.wait_outcome(tenant.send_message(RpcAddress(None, "q-reports"), REPORT)), "ack")
 
     async def test_rate_limit_withholds_credit(self) -> None:
-        """A tenant gets credit no faster than max_rate (after its burst); the excess waits, nothing is dropped."""
+        """
+        A tenant that sends as fast as its credit allows is throttled; what
+        it sends waits for credit and nothing is dropped.  (How much credit
+        the bucket grants over time is checked against a fake clock in
+        tests/test_control.py.)
+        """
         half, link, probe = await self._start("max_rate = 20.0\nburst = 10")
-        started = time.monotonic()
         tenant = await connect_raw(reactor, self.socket_path("tenant-a"))
         sent = 0
         deadline = time.monotonic() + 2.0
@@ -241,10 +269,7 @@ class TrustTests(LabTestCase):
                 tenant.send_message(RpcAddress(None, "q-reports"), oslo_body({"method": "report_state", "_unique_id": f"r{sent}"}))
                 sent += 1
             await task.deferLater(reactor, 0.02, lambda: None)
-        elapsed = time.monotonic() - started
-        # Correctness bound, not a speed check: the bucket never hands out more
-        # than its burst plus its rate times the time that passed.
-        self.assertLessEqual(tenant.credit(), 10 + 20 * elapsed + 1)
+        self.assertGreater(sent, 10)  # beyond the burst
         self.assertGreater(link.stats.get("throttled"), 0)
         await tenant.wait_for(lambda: all(tenant.outcome(s) == "ack" for s in range(1, sent + 1)))
         await tenant.wait_for(lambda: len(probe.received) == sent)
