@@ -232,6 +232,28 @@ class UpstreamTests(LabTestCase):
         got = await received(control, "q-server", 2, self.lab.reactor)
         self.assertEqual([r["kwargs"] for r in got], [{"agent": "a1"}, {"up": "cast"}])
 
+    async def test_large_unicode_context_and_direct_up(self) -> None:
+        """
+        Upstream too: 1 MiB and nested unicode arguments and the context
+        reach the control server and come back intact, to the topic and to
+        one server of it.
+        """
+        routes = ROUTES.replace('{ topic = "q-reports", methods', '{ topic = "q-reports", servers = ["q-server"], methods')
+        await self.start_link(routes)
+        control, tenant = await self.peers()
+        await control.request("server", name="q-server", topic="q-reports", server="q-server")
+        await settle(self.lab.reactor)
+        big = "é" * (512 * 1024)  # 1 MiB as UTF-8
+        nested = {"naïve": ["日本語", {"emoji": "🙂", "n": [1, 2.5, None, True]}], "empty": {}}
+        context = {"user": "agent-1", "request_id": "req-up", "roles": ["service"]}
+        reply = await tenant.request(
+            "call", topic="q-reports", method="echo", kwargs={"big": big, "nested": nested}, context=context, timeout=60
+        )
+        self.assertEqual(reply["kwargs"], {"big": big, "nested": nested})
+        self.assertEqual((reply["context"]["user"], reply["context"]["roles"]), ("agent-1", ["service"]))
+        reply = await tenant.request("call", topic="q-reports", server="q-server", method="echo", kwargs={"direct": True})
+        self.assertEqual((reply["server"], reply["kwargs"]), ("q-server", {"direct": True}))
+
     async def test_remote_exceptions_heartbeats_and_timeouts_up(self) -> None:
         """
         Upstream calls behave as on one broker too: a remote exception
