@@ -21,8 +21,8 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, readBody
 
 from lab.lab import HalfProcess, Lab
-from msgmux.cli import client_endpoint
 from lab.peer import OsloPeer
+from msgmux.cli import client_endpoint
 
 _lab: Lab | None = None
 _lab_lock = threading.Lock()
