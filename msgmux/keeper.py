@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 from msgmux.amqp.broker import BrokerService
 from msgmux.amqp.protocol import BrokerProtocol
 from msgmux.oslo.topology import OsloTopology
+from msgmux.relay import declare_queue
 from msgmux.routing import reply_queue_name
 
 __all__ = ["ReplyQueueKeeper"]
@@ -64,8 +65,7 @@ class ReplyQueueKeeper:
         channel = await protocol.open_channel()
         try:
             for name in names:
-                queue = self.topology.reply_queue(reply_queue_name(name))
-                await channel.declare_queue(queue.name, queue.durable, queue.auto_delete, arguments=dict(queue.arguments))
+                await declare_queue(channel, self.topology.reply_queue(reply_queue_name(name)))
         finally:
             await channel.close()
 

@@ -287,7 +287,6 @@ class FlowTests(SynchronousTestCase):
         clock.advance(SETTLE_DELAY)
         self.assertEqual(codec.FrameDecoder().feed(transport.value()), [codec.Credit(1)])
 
-
     def test_unacknowledged_too_long(self) -> None:
         """A peer that never acknowledges a message loses the session once ACK_TIMEOUT passed (its broker redelivers)."""
         from msgmux.link.protocol import ACK_TIMEOUT
