@@ -42,7 +42,7 @@ def make_protocol(clock: Clock | None = None, heartbeat: int = 0) -> tuple[Broke
 
 def return_frames(exchange: str, routing_key: str, body: bytes) -> bytes:
     """A basic.return (NO_ROUTE) with its content, as RabbitMQ sends it for an unroutable mandatory publish."""
-    method = struct.pack(">HHH", 60, 50, 312) + wire._shortstr("NO_ROUTE") + wire._shortstr(exchange) + wire._shortstr(routing_key)
+    method = struct.pack(">HHH", 60, 50, 312) + wire.encode_shortstr("NO_ROUTE") + wire.encode_shortstr(exchange) + wire.encode_shortstr(routing_key)
     header = struct.pack(">HHQ", 60, 0, len(body)) + wire.encode_properties({})
     return wire.frame(wire.FRAME_METHOD, 1, method) + wire.frame(wire.FRAME_HEADER, 1, header) + wire.frame(wire.FRAME_BODY, 1, body)
 
@@ -50,10 +50,10 @@ def return_frames(exchange: str, routing_key: str, body: bytes) -> bytes:
 def deliver_frames(tag: int, properties: dict[str, Any], body: bytes, frame_max: int = 131072, redelivered: bool = False) -> bytes:
     method = (
         struct.pack(">HH", 60, 60)
-        + wire._shortstr("ctag")
+        + wire.encode_shortstr("ctag")
         + struct.pack(">QB", tag, 1 if redelivered else 0)
-        + wire._shortstr("openstack")
-        + wire._shortstr("l3_agent")
+        + wire.encode_shortstr("openstack")
+        + wire.encode_shortstr("l3_agent")
     )
     header = struct.pack(">HHQ", 60, 0, len(body)) + wire.encode_properties(properties)
     data = wire.frame(wire.FRAME_METHOD, 1, method) + wire.frame(wire.FRAME_HEADER, 1, header)
@@ -258,7 +258,7 @@ class ConfirmTests(SynchronousTestCase):
         protocol, transport, channel = make_protocol()
         returned: list[Any] = []
         channel.return_observers.append(lambda *args: returned.append(args))
-        method = struct.pack(">HHH", 60, 50, 312) + wire._shortstr("NO_ROUTE") + wire._shortstr("") + wire._shortstr("reply_x")
+        method = struct.pack(">HHH", 60, 50, 312) + wire.encode_shortstr("NO_ROUTE") + wire.encode_shortstr("") + wire.encode_shortstr("reply_x")
         header = struct.pack(">HHQ", 60, 0, 2) + wire.encode_properties({})
         protocol.dataReceived(
             wire.frame(1, 1, method) + wire.frame(2, 1, header) + wire.frame(3, 1, b"hi")

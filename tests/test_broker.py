@@ -19,7 +19,7 @@ from msgmux.config import BrokerConfig, parse_transport_url
 
 class FailoverTests(SynchronousTestCase):
     def setUp(self) -> None:
-        hosts, _ = parse_transport_url("rabbit://u:p@10.0.0.1:5672,10.0.0.2:5673,10.0.0.3/")
+        hosts, _ = parse_transport_url("rabbit://u:p@127.0.0.11:5672,127.0.0.12:5673,127.0.0.13/")
         self.reactor = MemoryReactorClock()
         self.endpoint = FailoverEndpoint(self.reactor, hosts, timeout=1)
 
@@ -40,13 +40,13 @@ class FailoverTests(SynchronousTestCase):
 
     def test_order(self) -> None:
         """Failed attempts walk the list, wrapping around; a working host is tried again first."""
-        self.assertEqual(self.attempt(False), ("10.0.0.1", 5672))
-        self.assertEqual(self.attempt(False), ("10.0.0.2", 5673))
-        self.assertEqual(self.attempt(True), ("10.0.0.3", 5672))
-        self.assertEqual(self.endpoint.current.host, "10.0.0.3")
-        self.assertEqual(self.attempt(True), ("10.0.0.3", 5672))
+        self.assertEqual(self.attempt(False), ("127.0.0.11", 5672))
+        self.assertEqual(self.attempt(False), ("127.0.0.12", 5673))
+        self.assertEqual(self.attempt(True), ("127.0.0.13", 5672))
+        self.assertEqual(self.endpoint.current.host, "127.0.0.13")
+        self.assertEqual(self.attempt(True), ("127.0.0.13", 5672))
         self.endpoint.failed()  # e.g. the broker refused the login
-        self.assertEqual(self.attempt(True), ("10.0.0.1", 5672))
+        self.assertEqual(self.attempt(True), ("127.0.0.11", 5672))
 
     def test_credentials_follow_the_host(self) -> None:
         """Hosts without credentials in the URL use the previous host's."""
@@ -58,13 +58,12 @@ class LoginTimeoutTests(SynchronousTestCase):
     def test_silent_host_is_a_failed_attempt(self) -> None:
         """A host that accepts the connection but never answers the AMQP header is given up after LOGIN_TIMEOUT."""
         reactor = MemoryReactorClock()
-        hosts, vhost = parse_transport_url("rabbit://u:p@10.0.0.1,10.0.0.2/")
+        hosts, vhost = parse_transport_url("rabbit://u:p@127.0.0.11,127.0.0.12/")
         service = BrokerService(BrokerConfig(hosts=hosts, virtual_host=vhost, exchange="openstack", heartbeat=0), "control", reactor)
-        protocol = BrokerProtocol(BrokerDelegate(), "/", 0, reactor, "u", "p", "test")
+        protocol = service._factory.buildProtocol(None)
         transport = StringTransport()
         protocol.makeConnection(transport)
-        proxy = type("Proxy", (), {"_protocol": protocol})()
-        login = service._prepare(proxy)
+        login = service._prepare(protocol)
         reactor.advance(LOGIN_TIMEOUT - 1)
         self.assertNoResult(login)
         self.assertFalse(transport.disconnecting)
@@ -74,4 +73,4 @@ class LoginTimeoutTests(SynchronousTestCase):
         self.assertEqual(service.protocol, None)
         service._endpoint.connect(Factory.forProtocol(Protocol))  # the next attempt
         reactor.advance(0)
-        self.assertEqual(service._endpoint.current.host, "10.0.0.2")
+        self.assertEqual(service._endpoint.current.host, "127.0.0.12")

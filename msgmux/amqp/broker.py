@@ -77,15 +77,24 @@ class FailoverEndpoint:
 
 
 class _BrokerFactory(Factory):
+    """
+    Builds one L{BrokerProtocol} per connection attempt.
+
+    @ivar latest: the protocol of the latest attempt.  L{ClientService}
+        hands C{prepareConnection} a proxy; the login needs the protocol
+        itself, which is the latest one built (attempts are serial).
+    """
+
     def __init__(self, config: BrokerConfig, endpoint: FailoverEndpoint, clock: IReactorTime, name: str) -> None:
         self._config = config
         self._endpoint = endpoint
         self._clock = clock
         self._name = name
+        self.latest: BrokerProtocol | None = None
 
     def buildProtocol(self, addr: Any) -> BrokerProtocol:
         host = self._endpoint.current
-        return BrokerProtocol(
+        self.latest = BrokerProtocol(
             BrokerDelegate(),
             vhost=self._config.virtual_host,
             heartbeat=self._config.heartbeat,
@@ -94,6 +103,7 @@ class _BrokerFactory(Factory):
             password=host.password,
             connection_name=self._name,
         )
+        return self.latest
 
 
 class BrokerService(Service):
@@ -117,9 +127,10 @@ class BrokerService(Service):
         self.config = config
         self._clock = reactor
         self._endpoint = FailoverEndpoint(reactor, config.hosts)
+        self._factory = _BrokerFactory(config, self._endpoint, reactor, f"msgmux {name}")
         self._service = ClientService(
             self._endpoint,
-            _BrokerFactory(config, self._endpoint, reactor, f"msgmux {name}"),  # type: ignore[arg-type]
+            self._factory,  # type: ignore[arg-type]
             retryPolicy=retry_policy or backoffPolicy(initialDelay=0.5, maxDelay=10.0),
             clock=reactor,  # type: ignore[arg-type]
             prepareConnection=self._prepare,
@@ -154,7 +165,9 @@ class BrokerService(Service):
         return self._service.whenConnected(failAfterFailures=fail_after)
 
     def _prepare(self, proxy: Any) -> defer.Deferred[None]:
-        login = defer.Deferred.fromCoroutine(self._login(proxy._protocol))
+        protocol = self._factory.latest
+        assert protocol is not None, "prepareConnection before any connection was built"
+        login = defer.Deferred.fromCoroutine(self._login(protocol))
         login.addTimeout(LOGIN_TIMEOUT, self._clock)  # type: ignore[arg-type]
         return login
 

@@ -31,6 +31,13 @@ class PublishRefused(Exception):
     """The broker nacked a publish (internal error or a queue refusing it)."""
 
 
+class Unpublishable(ValueError):
+    """
+    A message AMQP cannot carry (a property or header value outside what
+    the wire format allows); nothing was written.
+    """
+
+
 class PublishReturned(Exception):
     """
     The broker returned a mandatory publish: no queue was bound to take it
@@ -222,8 +229,7 @@ class Channel:
         try:
             await self._tx.channel_close(reply_code=200, reply_text="closing", class_id=0, method_id=0)
         finally:
-            self.protocol.fast_channels.pop(self.number, None)
-            self.protocol.channels.pop(self.number, None)
+            self.protocol.forget_channel(self.number)
             self._tx.close(ChannelLost("closed by msgmux"))
             self.lost(Failure(ChannelLost("closed by msgmux")))
 
@@ -243,7 +249,7 @@ class Channel:
         @return: fires when the broker confirmed it (immediately when the
             channel is not in confirm mode); fails with L{PublishRefused} on a
             nack and L{ChannelLost} if the channel goes first.
-        @raise wire.WireError: when the message cannot be encoded.
+        @raise Unpublishable: when the message cannot be encoded.
         """
         confirmed: defer.Deferred[None] = defer.Deferred()
         self.publish_then(exchange, routing_key, properties, body, mandatory, _fire, confirmed)
@@ -267,14 +273,17 @@ class Channel:
         The relays' hot path: L{publish} wraps it in a Deferred, which costs
         more per message than this callback pair.
 
-        @raise wire.WireError: when the message cannot be encoded.
+        @raise Unpublishable: when the message cannot be encoded.
         """
         if not self.is_open:
             outcome(argument, ChannelLost("channel is closed"))
             return
-        parts = wire.encode_publish(
-            self.number, exchange, routing_key, properties, body, self.protocol.MAX_LENGTH, mandatory
-        )
+        try:
+            parts = wire.encode_publish(
+                self.number, exchange, routing_key, properties, body, self.protocol.MAX_LENGTH, mandatory
+            )
+        except wire.WireError as e:
+            raise Unpublishable(str(e)) from None
         self.protocol.write_message(parts)
         if not self._confirming:
             outcome(argument, None)

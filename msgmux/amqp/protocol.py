@@ -30,6 +30,7 @@ from txamqp.client import TwistedDelegate
 from txamqp.protocol import AMQClient
 
 from msgmux import __version__
+from msgmux._private_apis import forget_txamqp_channel, txamqp_channel_numbers, unpack_txamqp_frame
 from msgmux._writethrough import Writer
 from msgmux.amqp import wire
 from msgmux.amqp.channel import Channel
@@ -154,10 +155,10 @@ class BrokerProtocol(AMQClient):
         response = ("\0" + self._username + "\0" + self._password).encode("utf-8")
         args = (
             wire.encode_table(properties)
-            + wire._shortstr("PLAIN")
+            + wire.encode_shortstr("PLAIN")
             + len(response).to_bytes(4, "big")
             + response
-            + wire._shortstr("en_US")
+            + wire.encode_shortstr("en_US")
         )
         self.transport.write(wire.frame(wire.FRAME_METHOD, 0, b"\x00\x0a\x00\x0b" + args))
 
@@ -201,7 +202,7 @@ class BrokerProtocol(AMQClient):
             raises whatever its reads hit: EOF, struct or key errors).
         """
         try:
-            return self._unpack_frame(raw)
+            return unpack_txamqp_frame(self, raw)
         except Exception as e:
             raise wire.WireError(f"undecodable frame ({type(e).__name__}: {str(e)[:100]})") from None
 
@@ -318,7 +319,7 @@ class BrokerProtocol(AMQClient):
     def channel_failed(self, channel: Any, reason: Failure) -> None:
         """The broker closed a channel with an error."""
         fast = self.fast_channels.pop(channel.id, None)
-        self.channels.pop(channel.id, None)
+        forget_txamqp_channel(self, channel.id)
         if fast is not None:
             fast.lost(reason)
 
@@ -348,17 +349,26 @@ class BrokerProtocol(AMQClient):
         @return: the channel, registered for the hot path.
         """
         number = 1
-        while number in self.channels or number in self.fast_channels:
+        taken = txamqp_channel_numbers(self)
+        while number in taken or number in self.fast_channels:
             number += 1
         txchannel = await self.channel(number)
         try:
             await txchannel.channel_open()
         except BaseException:
-            self.channels.pop(number, None)
+            forget_txamqp_channel(self, number)
             raise
         fast = Channel(self, txchannel)
         self.fast_channels[number] = fast
         return fast
+
+    def forget_channel(self, number: int) -> None:
+        """
+        A channel we closed is gone: drop it from the hot path and from
+        txAMQP's table, so that its number can be used again.
+        """
+        self.fast_channels.pop(number, None)
+        forget_txamqp_channel(self, number)
 
     def write_message(self, parts: list[bytes]) -> None:
         """

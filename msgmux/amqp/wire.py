@@ -217,7 +217,7 @@ def decode_table(data: bytes, offset: int = 0) -> tuple[dict[str, Any], int]:
         raise WireError("truncated field table") from None
 
 
-def _shortstr(value: str) -> bytes:
+def encode_shortstr(value: str) -> bytes:
     raw = value.encode("utf-8")
     if len(raw) > 255:
         raise WireError(f"short string longer than 255 bytes: {value[:40]!r}...")
@@ -288,7 +288,7 @@ def _encode_table(table: dict[str, Any], depth: int = 0) -> bytes:
     for key, value in table.items():
         if type(key) is not str:
             raise WireError(f"field table keys must be text, not {key!r}")
-        out.append(_shortstr(key))
+        out.append(encode_shortstr(key))
         _encode_value(value, out, depth)
     payload = b"".join(out)
     return _U32.pack(len(payload)) + payload
@@ -418,7 +418,7 @@ def _encode_properties(properties: dict[str, Any]) -> bytes:
         if kind == "s":
             if type(value) is not str:
                 raise WireError(f"{name} must be text")
-            out.append(_shortstr(value))
+            out.append(encode_shortstr(value))
         elif kind == "o":
             if type(value) is not int or not 0 <= value <= 255:
                 raise WireError(f"{name} must be an integer 0-255")
@@ -479,8 +479,8 @@ def encode_publish(
     if method_frame is None:
         method = (
             _PUBLISH_PREFIX.pack(BASIC, BASIC_PUBLISH, 0)
-            + _shortstr(exchange)
-            + _shortstr(routing_key)
+            + encode_shortstr(exchange)
+            + encode_shortstr(routing_key)
             + (b"\x01" if mandatory else b"\x00")
         )
         method_frame = frame(FRAME_METHOD, channel, method)
@@ -614,5 +614,5 @@ def encode_exchange_declare(channel: int, name: str, kind: str, durable: bool, a
         pipelined in front of a publish without a round trip.
     """
     bits = (2 if durable else 0) | (4 if auto_delete else 0) | 16
-    args = b"\x00\x28\x00\x0a\x00\x00" + _shortstr(name) + _shortstr(kind) + _U8.pack(bits) + b"\x00\x00\x00\x00"
+    args = b"\x00\x28\x00\x0a\x00\x00" + encode_shortstr(name) + encode_shortstr(kind) + _U8.pack(bits) + b"\x00\x00\x00\x00"
     return frame(FRAME_METHOD, channel, args)

@@ -23,6 +23,17 @@ from typing import Any, Union
 import attrs
 import cbor2
 
+from msgmux.message import (
+    MAX_NAME,
+    PROPERTY_TYPES,
+    Address,
+    CanaryAddress,
+    Message,
+    NotificationAddress,
+    ReplyAddress,
+    RpcAddress,
+)
+
 __all__ = [
     "PROTOCOL_VERSION",
     "Ack",
@@ -33,7 +44,7 @@ __all__ = [
     "FrameError",
     "Heartbeat",
     "Hello",
-    "Message",
+    "MessageFrame",
     "NotificationAddress",
     "Reject",
     "ReplyAddress",
@@ -61,24 +72,6 @@ HELLO, WELCOME, MSG, ACK, REJECT, CREDIT, HEARTBEAT, CLOSE = range(8)
 
 # Message kinds (third MSG element).
 KIND_RPC, KIND_NOTIFICATION, KIND_REPLY, KIND_CANARY = range(4)
-
-#: The AMQP basic properties a message may carry, with their Python types.
-PROPERTY_TYPES: Mapping[str, type | tuple[type, ...]] = {
-    "content_type": str,
-    "content_encoding": str,
-    "headers": dict,
-    "delivery_mode": int,
-    "priority": int,
-    "correlation_id": str,
-    "reply_to": str,
-    "expiration": str,
-    "message_id": str,
-    "timestamp": int,
-    "type": str,
-    "user_id": str,
-    "app_id": str,
-    "cluster_id": str,
-}
 
 
 # Integer properties and their AMQP widths (octet, octet, timestamp).
@@ -124,63 +117,17 @@ class Welcome:
     routes: Mapping[str, Any]
 
 
-@attrs.frozen
-class RpcAddress:
-    """An oslo RPC target: exchange (L{None}: the broker's), topic, server, fanout."""
-
-    exchange: str | None
-    topic: str
-    server: str | None = None
-    fanout: bool = False
-
-
-@attrs.frozen
-class NotificationAddress:
-    """An oslo notification target: exchange (L{None}: the broker's), topic, priority."""
-
-    exchange: str | None
-    topic: str
-    priority: str
-
-
-@attrs.frozen
-class ReplyAddress:
+@attrs.frozen(slots=True)
+class MessageFrame:
     """
-    An RPC reply.  Downstream it names the caller's reply queue on the tenant
-    broker; upstream it is empty (the control half reads the reply token).
-    """
-
-    queue: str | None = None
-
-
-@attrs.frozen
-class CanaryAddress:
-    """
-    msgmux's own probe message: it travels control broker, link, tenant
-    broker, link and ends at the control half, proving messages move.
-    """
-
-
-Address = Union[RpcAddress, NotificationAddress, ReplyAddress, CanaryAddress]
-
-
-@attrs.frozen
-class Message:
-    """
-    One relayed AMQP message.
+    MSG: one relayed message, numbered.
 
     @ivar seq: per-session, per-direction sequence number, acknowledged by
         L{Ack} once the destination broker confirmed the publish.
-    @ivar properties: AMQP basic properties (keys of L{PROPERTY_TYPES}).
-    @ivar deadline: absolute expiry (Unix time) for call requests, else
-        L{None}.
     """
 
     seq: int
-    address: Address
-    properties: Mapping[str, Any]
-    body: bytes
-    deadline: float | None = None
+    message: Message
 
 
 @attrs.frozen
@@ -221,7 +168,7 @@ class Close:
     detail: str
 
 
-Frame = Union[Hello, Welcome, Message, Ack, Reject, Credit, Heartbeat, Close]
+Frame = Union[Hello, Welcome, MessageFrame, Ack, Reject, Credit, Heartbeat, Close]
 
 
 # --- encoding -------------------------------------------------------------
@@ -238,9 +185,10 @@ def _address_array(address: Address) -> tuple[int, list[Any]]:
 
 
 def _frame_array(frame: Frame) -> list[Any]:
-    if isinstance(frame, Message):
-        kind, address = _address_array(frame.address)
-        return [MSG, frame.seq, kind, address, dict(frame.properties), frame.body, frame.deadline]
+    if isinstance(frame, MessageFrame):
+        message = frame.message
+        kind, address = _address_array(message.address)
+        return [MSG, frame.seq, kind, address, dict(message.properties), message.body, message.deadline]
     if isinstance(frame, Ack):
         return [ACK, list(frame.seqs)]
     if isinstance(frame, Credit):
@@ -381,7 +329,7 @@ def _fields(array: list[Any], count: int, name: str) -> list[Any]:
     return array
 
 
-def _decode_message(array: list[Any]) -> Message:
+def _decode_message(array: list[Any]) -> MessageFrame:
     # The hot path of every relayed message: checks are inline, and error
     # texts are only built when a check fails.
     if len(array) != 7:
@@ -402,7 +350,7 @@ def _decode_message(array: list[Any]) -> Message:
             raise FrameError("MSG deadline out of range") from None
         if not math.isfinite(deadline):
             raise FrameError("MSG deadline must be finite")
-    return Message(seq, _decode_address(kind, address), _decode_properties(properties), body, deadline)
+    return MessageFrame(seq, Message(_decode_address(kind, address), _decode_properties(properties), body, deadline))
 
 
 # Decoded addresses by their wire form.  Relayed traffic uses a handful of
@@ -433,10 +381,6 @@ def _decode_address(kind: object, address: list[Any]) -> Address:
         _ADDRESSES[key] = decoded
     return decoded
 
-
-#: Longest name in an address, in UTF-8 bytes: exchange names, routing keys
-#: and queue names are AMQP short strings.
-MAX_NAME = 255
 
 
 def _is_name(value: object) -> bool:
