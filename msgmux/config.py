@@ -161,6 +161,16 @@ class Limits:
         rejected (the caller times out) and counted.
     @ivar max_call_timeout: upper bound, in seconds, on how long msgmux
         keeps accepting replies for one call.
+    @ivar max_byte_rate: sustained body bytes per second (a second token
+        bucket, next to C{max_rate}); its burst is one second's worth, and
+        at least one largest message.
+    @ivar max_inflight_bytes: body bytes the link may have received and
+        not yet settled (its byte credit window): what one link can make
+        the control half hold in memory.  At least C{max_message_size};
+        when not set, twice C{max_message_size} if that is more.
+    @ivar max_json_containers: JSON arrays and objects an upstream body may
+        hold (counted cheaply, before parsing); more are refused as
+        C{too-complex}, so that no body costs much CPU to refuse.
     """
 
     max_message_size: int = 8 * 1024 * 1024
@@ -168,6 +178,9 @@ class Limits:
     burst: int = 500
     max_inflight_calls: int = 200
     max_call_timeout: float = 3600.0
+    max_byte_rate: float = 32 * 1024 * 1024
+    max_inflight_bytes: int = 16 * 1024 * 1024
+    max_json_containers: int = 100_000
 
 
 @attrs.frozen
@@ -361,6 +374,14 @@ def _endpoint_problem(value: str) -> str | None:
     return None
 
 
+def _socket_mode_problem(value: str) -> str | None:
+    if not re.fullmatch(r"0?[0-7]{3}", value):
+        return "must be an octal mode like \"0660\""
+    if int(value, 8) & 0o007:
+        return "must grant nothing to others (the last digit must be 0): any local user could connect as the tenant half"
+    return None
+
+
 def _socket_problem(value: str) -> str | None:
     if not value.startswith("/"):
         return "must be an absolute path"
@@ -473,7 +494,22 @@ def _limits(section: Section, base: Limits) -> Limits:
         burst=section.get("burst", int, base.burst, _between(0, 1e6, "messages")),
         max_inflight_calls=section.get("max_inflight_calls", int, base.max_inflight_calls, _non_negative),
         max_call_timeout=section.get("max_call_timeout", float, base.max_call_timeout, _between(0, 86400, "seconds")),
+        max_byte_rate=section.get("max_byte_rate", float, base.max_byte_rate, _between(0, 1 << 40, "bytes per second")),
+        max_inflight_bytes=section.get(
+            "max_inflight_bytes", int, base.max_inflight_bytes, _between(1024, 1 << 32, "bytes", low_inclusive=True)
+        ),
+        max_json_containers=section.get(
+            "max_json_containers", int, base.max_json_containers, _between(1, 100_000_000, "arrays and objects", low_inclusive=True)
+        ),
     )
+    if limits.max_inflight_bytes < limits.max_message_size:
+        if section.has("max_inflight_bytes"):
+            raise section.error(
+                "max_inflight_bytes",
+                f"must be at least max_message_size ({limits.max_message_size}), or the largest message could never be sent",
+            )
+        # Not set here: the inherited window grows with the message size.
+        limits = attrs.evolve(limits, max_inflight_bytes=2 * limits.max_message_size)
     section.finish()
     return limits
 
@@ -491,9 +527,7 @@ def _link(section: Section, default_limits: Limits, exchange: str) -> LinkConfig
         check=lambda v: None if _LINK_NAME.match(v) else "must be 1-63 letters, digits, _ . - starting with a letter or digit",
     )
     socket = section.get("socket", str, check=_socket_problem)
-    mode_text = section.get(
-        "socket_mode", str, "0660", lambda v: None if re.fullmatch(r"0?[0-7]{3}", v) else "must be an octal mode like \"0660\""
-    )
+    mode_text = section.get("socket_mode", str, "0660", _socket_mode_problem)
     down = tuple(_rpc_rule(rule, upstream=False) for rule in section.tables("down"))
     up = tuple(_rpc_rule(rule, upstream=True) for rule in section.tables("up"))
     notifications_down = tuple(_notification_rule(rule) for rule in section.tables("notifications_down"))

@@ -16,7 +16,7 @@ in C{docs/metrics.md}.
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -58,6 +58,7 @@ COUNTERS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "calls_timed_out": ("msgmux_calls_timed_out_total", "Relayed calls that reached their deadline unanswered.", ("direction",)),
     "protocol_violations": ("msgmux_link_protocol_violations_total", "Sessions closed for a protocol violation.", ("code",)),
     "sessions": ("msgmux_link_sessions_total", "Link sessions established.", ()),
+    "sessions_ended": ("msgmux_link_sessions_ended_total", "Link sessions that ended, by reason code.", ("reason",)),
     "sessions_refused": ("msgmux_link_sessions_refused_total", "Handshakes refused because the link started too many sessions lately.", ()),
     "connections_refused": (
         "msgmux_link_connections_refused_total",
@@ -93,8 +94,12 @@ class MsgmuxCollector:
         has a control and a tenant view of the same link.
     """
 
-    def __init__(self, links: Iterable[tuple[str, Monitored]], brokers: Iterable[BrokerService]) -> None:
-        self.links = list(links)
+    def __init__(self, links: Callable[[], Iterable[tuple[str, Monitored]]], brokers: Iterable[BrokerService]) -> None:
+        """
+        @param links: returns the links to report, asked at each scrape
+            (links come and go at run time).
+        """
+        self.links = links
         self.brokers = list(brokers)
 
     def collect(self) -> Iterable[Any]:
@@ -113,9 +118,9 @@ class MsgmuxCollector:
         latency = HistogramMetricFamily(
             "msgmux_reply_latency_seconds", "Time from relaying a call to its final reply.", labels=base + ("direction",)
         )
-        for half, link in self.links:
+        for half, link in self.links():
             stats = link.stats
-            key = [half, stats.link]
+            key = [half, stats.link_name]
             for (counter, pairs), value in stats.counts.items():
                 if counter in families:
                     wanted = COUNTERS[counter][2]
@@ -151,7 +156,7 @@ class MsgmuxCollector:
     def status(self) -> dict[str, Any]:
         """The JSON document behind C{/status}."""
         return {
-            "links": [dict(link.status(), half=half) for half, link in self.links],
+            "links": [dict(link.status(), half=half) for half, link in self.links()],
             "brokers": [
                 {
                     "name": broker.name,

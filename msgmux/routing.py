@@ -18,10 +18,10 @@ from typing import Any
 import attrs
 
 from msgmux.config import LinkConfig, NotificationRule, RpcRule
-from msgmux.link.codec import Address, CanaryAddress, NotificationAddress, ReplyAddress, RpcAddress
+from msgmux.message import Address, CanaryAddress, NotificationAddress, ReplyAddress, RpcAddress
 from msgmux.oslo.topology import ExchangeSpec, OsloTopology, QueueSpec
 
-__all__ = ["Destination", "LinkRoutes", "Source", "destination", "publish_topology", "sources"]
+__all__ = ["Destination", "Destinations", "LinkRoutes", "Source", "destination", "publish_topology", "sources"]
 
 # Fixed so that a restarted half finds the fanout queue it used before.
 _FANOUT_NAMESPACE = uuid.UUID("0b5c1f4e-7a3d-4b8e-9a51-6d2f0c8e4a17")
@@ -300,3 +300,26 @@ def destination(address: Address, topology: OsloTopology) -> Destination:
         )
     assert isinstance(address, ReplyAddress) and address.queue is not None
     return Destination("", address.queue, mandatory=True)
+
+
+class Destinations:
+    """
+    L{destination} for one broker's topology, computed once per address:
+    relayed traffic uses a handful of addresses over and over.
+    """
+
+    def __init__(self, topology: OsloTopology) -> None:
+        self.topology = topology
+        self._known: dict[Address, Destination] = {}
+
+    def of(self, address: Address) -> Destination:
+        """@return: where C{address} goes on this broker."""
+        target = self._known.get(address)
+        if target is None:
+            if len(self._known) >= _DESTINATION_CACHE_LIMIT:
+                self._known.clear()  # a peer cycling through addresses cannot grow it for ever
+            target = self._known[address] = destination(address, self.topology)
+        return target
+
+
+_DESTINATION_CACHE_LIMIT = 4096

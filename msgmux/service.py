@@ -18,19 +18,22 @@ import signal
 from typing import Any
 
 import attrs
-from twisted.application.internet import ClientService, StreamServerEndpointService, backoffPolicy
+from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.endpoints import UNIXClientEndpoint, UNIXServerEndpoint, serverFromString
+from twisted.internet.endpoints import UNIXClientEndpoint, serverFromString
+from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from msgmux.amqp.broker import BrokerService
 from msgmux.config import Config, ConfigError, ControlConfig, LinkConfig, TenantConfig, load
 from msgmux.control import ControlLink, ControlLinkFactory
-from msgmux.keeper import ReplyQueueKeeper
+from msgmux.control.listener import LinkListener, listen_now
 from msgmux.metrics import MetricsSite, MsgmuxCollector
 from msgmux.oslo.tokens import TokenSigner
 from msgmux.oslo.topology import OsloTopology
+from msgmux.reply_queues import ReplyQueueDeclarer
 from msgmux.tenant import TenantLink, TenantLinkFactory
 
 __all__ = ["ControlHalf", "MsgmuxService", "TenantHalf"]
@@ -41,66 +44,72 @@ DRAIN_TIMEOUT = 5.0
 
 class ControlHalf:
     """
-    The control half: one control broker connection, one listening socket
-    and one L{ControlLink} per configured link.
+    The control half: one control broker connection, and one L{ControlLink}
+    with its listening socket per link.
     """
 
     _log = Logger()
 
     def __init__(self, config: ControlConfig, reactor: Any) -> None:
         self.config = config
+        self.reactor = reactor
         self.broker = BrokerService(config.broker, "control", reactor)
         self.signer = TokenSigner(config.reply_key or os.urandom(32))
         if config.reply_key is None:
-            self._log.info(
-                "No reply_key_file: calls in flight when this control half restarts will time out"
-            )
-        self.reactor = reactor
+            self._log.info("No reply_key_file: calls in flight when this control half restarts will time out")
         self.links: dict[str, ControlLink] = {}
-        self.listeners: dict[str, StreamServerEndpointService] = {}
-        for link in config.links:
-            self._add(link)
-        self.keeper = ReplyQueueKeeper(
+        self._listeners: dict[str, LinkListener] = {}
+        self._started = False
+        self.reply_queues = ReplyQueueDeclarer(
             self.broker, OsloTopology(config.broker.queues, config.broker.exchange), lambda: list(self.links)
         )
+        for link in config.links:
+            self._serve(link)
 
-    def _add(self, link: LinkConfig) -> None:
-        self.links[link.name] = ControlLink(link, self.config, self.broker, self.signer, self.reactor)
-        endpoint = UNIXServerEndpoint(self.reactor, link.socket, mode=link.socket_mode, wantPID=True)
-        listener = StreamServerEndpointService(endpoint, ControlLinkFactory(self.links[link.name]))
-        # Make startService raise when the socket cannot be bound, so twistd
-        # fails at startup rather than running without the link.
-        listener._raiseSynchronously = True
-        self.listeners[link.name] = listener
-
-    def _listen(self, link: LinkConfig) -> None:
-        directory = os.path.dirname(link.socket)
-        if directory and not os.path.isdir(directory):
-            os.makedirs(directory, mode=0o750, exist_ok=True)
-        # Bind with a restrictive umask: Twisted chmods the socket only after
-        # binding it.
-        previous = os.umask(0o177)
-        try:
-            self.listeners[link.name].startService()
-        finally:
-            os.umask(previous)
-        self._log.info("Link {link}: listening on {socket} (mode {mode:o})", link=link.name, socket=link.socket, mode=link.socket_mode)
+    def _serve(self, config: LinkConfig) -> None:
+        link = ControlLink(config, self.config, self.broker, self.signer, self.reactor)
+        self.links[config.name] = link
+        self._listeners[config.name] = LinkListener(self.reactor, config, ControlLinkFactory(link))
 
     def start(self) -> None:
-        self.keeper.start()
+        """Connect to the broker and listen on every link's socket (a bind failure raises)."""
+        self._started = True
+        self.reply_queues.start()
         self.broker.startService()
-        for link in self.config.links:
-            self._listen(link)
+        for listener in self._listeners.values():
+            listener.listen()
 
-    async def _remove(self, name: str) -> None:
-        listener = self.listeners.pop(name)
-        await listener.stopService()
+    def add_link(self, config: LinkConfig) -> None:
+        """
+        Serve a new link now: listen on its socket.
+
+        @raise Exception: when its socket cannot be bound (nothing changes).
+        """
+        if config.name in self.links:
+            raise ValueError(f"link {config.name!r} exists")
+        self._serve(config)
+        if self._started:
+            try:
+                self._listeners[config.name].listen()
+            except BaseException:
+                del self.links[config.name], self._listeners[config.name]
+                raise
+
+    async def remove_link(self, name: str) -> None:
+        """
+        Stop serving a link: stop listening (its socket goes), turn away
+        connections that have not completed the handshake, drain its
+        session (in-flight messages settle), and forget its calls.
+        """
+        listener = self._listeners.pop(name)
         link = self.links.pop(name)
-        link.retired = True
-        listener.factory.close_pending("removed", "the control half no longer serves this link")
-        if link.relay is not None and link.relay.active:
-            await link.relay.drain(DRAIN_TIMEOUT)
-        link.calls.cancel_all()
+        link.retire()
+        await listener.stop()
+        factory = listener.factory
+        assert isinstance(factory, ControlLinkFactory)
+        factory.close_pending("removed", "the control half no longer serves this link")
+        await link.drain(DRAIN_TIMEOUT)
+        link.forget_calls()
         self._log.info("Link {link}: removed", link=name)
 
     async def reload(self, config: ControlConfig) -> None:
@@ -115,34 +124,28 @@ class ControlHalf:
         old = {link.name: link for link in self.config.links}
         new = {link.name: link for link in config.links}
         for name in old.keys() - new.keys():
-            await self._remove(name)
+            await self.remove_link(name)
         for name in old.keys() & new.keys():
             if old[name].socket != new[name].socket or old[name].socket_mode != new[name].socket_mode:
-                await self._remove(name)
+                await self.remove_link(name)
         self.config = attrs.evolve(config, broker=self.config.broker, reply_key=self.config.reply_key)
         for name, link in new.items():
-            if name in self.links:
-                if old[name] != link:
-                    self.links[name].reconfigure(link, self.config)
-                    self._log.info("Link {link}: reconfigured", link=name)
-                else:
-                    self.links[name].control = self.config
+            if name not in self.links:
+                self.add_link(link)
+            elif old[name] != link:
+                self.links[name].reconfigure(link, self.config)
+                self._log.info("Link {link}: reconfigured", link=name)
             else:
-                self._add(link)
-                self._listen(link)
+                self.links[name].control = self.config
 
     async def stop(self) -> None:
-        for listener in self.listeners.values():
-            await listener.stopService()
-        drains = [
-            defer.Deferred.fromCoroutine(link.relay.drain(DRAIN_TIMEOUT))
-            for link in self.links.values()
-            if link.relay is not None and link.relay.active
-        ]
+        for listener in self._listeners.values():
+            await listener.stop()
+        drains = [defer.Deferred.fromCoroutine(link.drain(DRAIN_TIMEOUT)) for link in self.links.values()]
         await defer.DeferredList(drains, consumeErrors=True)
         for link in self.links.values():
-            link.calls.cancel_all()
-        self.keeper.stop()
+            link.forget_calls()
+        self.reply_queues.stop()
         await self.broker.stopService()
 
 
@@ -164,23 +167,21 @@ class TenantHalf:
         )
         # The link's name is known from the configuration, or once a
         # session told it.
-        self.keeper = ReplyQueueKeeper(self.broker, self.link.topology, self._link_names)
+        self.reply_queues = ReplyQueueDeclarer(self.broker, self.link.topology, self._link_names)
 
     def _link_names(self) -> list[str]:
         name = self.link.routes.link if self.link.routes is not None else self.config.link
         return [name] if name else []
 
     def start(self) -> None:
-        self.keeper.start()
+        self.reply_queues.start()
         self.broker.startService()
         self.client.startService()
 
     async def stop(self) -> None:
-        relay = self.link.relay
-        if relay is not None and relay.active:
-            await relay.drain(DRAIN_TIMEOUT)
+        await self.link.drain(DRAIN_TIMEOUT)
         await self.client.stopService()
-        self.keeper.stop()
+        self.reply_queues.stop()
         await self.broker.stopService()
 
 
@@ -196,16 +197,13 @@ class MsgmuxService(Service):
         self.reactor = reactor
         self.control = ControlHalf(config.control, reactor) if config.control else None
         self.tenant = TenantHalf(config.tenant, reactor) if config.tenant else None
-        self.collector = MsgmuxCollector(self._monitored(), self._brokers())
+        self.collector = MsgmuxCollector(self._monitored, self._brokers())
         # Reloads (which wait for removed links to drain) and the stop run
         # one at a time, so that two SIGHUPs in a row apply the newest file
         # once each, and a stop never meets a reload halfway.
         self._changes = defer.DeferredLock()
-        self.metrics: StreamServerEndpointService | None = None
-        address = (config.control.metrics if config.control else None) or (config.tenant.metrics if config.tenant else None)
-        if address:
-            self.metrics = StreamServerEndpointService(serverFromString(reactor, address), MetricsSite(self.collector))
-            self.metrics._raiseSynchronously = True
+        self._metrics_address = (config.control.metrics if config.control else None) or (config.tenant.metrics if config.tenant else None)
+        self._metrics_port: IListeningPort | None = None
 
     def _monitored(self) -> list[tuple[str, Any]]:
         links: list[tuple[str, Any]] = []
@@ -226,8 +224,9 @@ class MsgmuxService(Service):
             self.control.start()
         if self.tenant is not None:
             self.tenant.start()
-        if self.metrics is not None:
-            self.metrics.startService()
+        if self._metrics_address:
+            endpoint = serverFromString(self.reactor, self._metrics_address)
+            self._metrics_port = listen_now(endpoint, MetricsSite(self.collector))
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
@@ -256,15 +255,15 @@ class MsgmuxService(Service):
             self._log.warn("Reload: tenant half changes take effect only after a restart")
         if self.control is not None and config.control is not None:
             await self.control.reload(config.control)
-            self.collector.links = self._monitored()
         elif (self.control is None) != (config.control is None):
             self._log.warn("Reload: adding or removing a half takes effect only after a restart")
         self.config = attrs.evolve(config, tenant=self.config.tenant)
         self._log.info("Reloaded {path}", path=self.config.path)
 
     async def _stop(self) -> None:
-        if self.metrics is not None:
-            await self.metrics.stopService()
+        port, self._metrics_port = self._metrics_port, None
+        if port is not None:
+            await defer.maybeDeferred(port.stopListening)
         if self.tenant is not None:
             await self.tenant.stop()
         if self.control is not None:

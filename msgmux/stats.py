@@ -17,6 +17,8 @@ from typing import Any
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from msgmux.log_budget import LogBudget
+
 __all__ = ["LinkStats"]
 
 #: Rejections logged per reason and direction in one L{LOG_WINDOW}.
@@ -32,18 +34,19 @@ class LinkStats:
     """
     Counters of one link, keyed by name and sorted label pairs.
 
+    @ivar link_name: the link's name (a metric label).
     @ivar counts: C{(name, ((label, value), ...)) -> int}.
     @ivar gauges: current values (link state, in-flight calls...).
     """
 
     _log = Logger()
 
-    def __init__(self, link: str, clock: IReactorTime) -> None:
-        self.link = link
+    def __init__(self, link_name: str, clock: IReactorTime) -> None:
+        self.link_name = link_name
         self.clock = clock
         self.counts: Counter[tuple[str, tuple[tuple[str, str], ...]]] = Counter()
         self.gauges: dict[str, float] = {}
-        self._log_window: dict[tuple[str, str], tuple[float, int]] = {}
+        self._log_budget = LogBudget(clock, LOG_BURST, LOG_WINDOW)
 
     def count(self, name: str, n: int = 1, **labels: str) -> None:
         """Add C{n} to counter C{name} with C{labels}."""
@@ -78,26 +81,19 @@ class LinkStats:
         @param detail: what exactly was wrong, for the log.
         """
         self.count("rejected", direction=direction, reason=reason)
-        key = (direction, reason)
-        now = self.clock.seconds()
-        start, logged = self._log_window.get(key, (now, 0))
-        if now - start >= LOG_WINDOW:
-            suppressed = logged - LOG_BURST
-            if suppressed > 0:
-                self._log.warn(
-                    "Link {link}: {suppressed} more {direction} rejections ({reason}) in the last minute",
-                    link=self.link,
-                    suppressed=suppressed,
-                    direction=direction,
-                    reason=reason,
-                )
-            start, logged = now, 0
-        logged += 1
-        self._log_window[key] = (start, logged)
-        if logged <= LOG_BURST:
+        log, held_back = self._log_budget.take((direction, reason))
+        if held_back:
+            self._log.warn(
+                "Link {link}: {suppressed} more {direction} rejections ({reason}) in the last minute",
+                link=self.link_name,
+                suppressed=held_back,
+                direction=direction,
+                reason=reason,
+            )
+        if log:
             self._log.warn(
                 "Link {link}: rejected {direction} message ({reason}): {detail}",
-                link=self.link,
+                link=self.link_name,
                 direction=direction,
                 reason=reason,
                 detail=detail[:LOGGED_DETAIL],

@@ -1,12 +1,13 @@
-# -*- test-case-name: tests.integration.test_rpc -*-
+# -*- test-case-name: tests.test_tenant -*-
 """
 The tenant half: runs inside the tenant network, next to the tenant broker.
 
 It holds no policy and no control-network credentials.  It connects to the
 control half's socket (reconnecting with backoff), learns its routes from
-WELCOME, and then mirrors oslo on the tenant broker: it consumes what the
-routes send up, and publishes what comes down exactly where oslo would have.
-Assume it is compromised: the control half re-checks everything it sends.
+WELCOME, and then mirrors oslo on the tenant broker (L{TenantPolicy}): it
+consumes what the routes send up, and publishes what comes down exactly
+where oslo would have.  Assume it is compromised: the control half
+re-checks everything it sends.
 """
 
 from __future__ import annotations
@@ -15,29 +16,80 @@ from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
-from twisted.logger import Logger
 
 from msgmux.amqp.broker import BrokerService
 from msgmux.amqp.channel import Delivery
 from msgmux.config import TenantConfig
-from msgmux.link.codec import CanaryAddress, Message, ReplyAddress, Welcome
+from msgmux.link.codec import Welcome
 from msgmux.link.protocol import LinkProtocol, SessionHandler, TenantLinkProtocol
+from msgmux.message import CanaryAddress, Message, ReplyAddress
 from msgmux.oslo.topology import ExchangeSpec, OsloTopology, QueueSpec
-from msgmux.relay import RETURN_RETRY_LIMIT, Publication, Refusal, Relay
-from msgmux.routing import Destination, LinkRoutes, Source, canary_queue_name, publish_topology, sources
+from msgmux.pacing import ImmediateCredit
+from msgmux.policy import Publication, Refusal
+from msgmux.relay import Relay
+from msgmux.routing import Destination, Destinations, LinkRoutes, Source, canary_queue_name, publish_topology, sources
 from msgmux.stats import LinkStats
-from msgmux.streams import StreamPosition
+from msgmux.stream_offsets import StreamPosition
 
-__all__ = ["TenantLink", "TenantLinkFactory", "TenantRelay"]
+__all__ = ["TenantLink", "TenantLinkFactory", "TenantPolicy"]
+
+#: Seconds a reply the tenant broker returns (its caller's queue is
+#: missing) is tried again, at most, as oslo's own server does.
+RETURN_RETRY_LIMIT = 60.0
+
+#: Body bytes the tenant half lets the control half have in flight to it.
+TENANT_WINDOW_BYTES = 64 * 1024 * 1024
+
+
+class TenantPolicy:
+    """One session seen from the tenant half: a mirror of oslo's own moves."""
+
+    direction_out = "up"
+    direction_in = "down"
+
+    def __init__(self, routes: LinkRoutes, topology: OsloTopology, clock: IReactorTime) -> None:
+        self.routes = routes
+        self.topology = topology
+        self.clock = clock
+        self._destinations = Destinations(topology)
+
+    def sources(self) -> list[Source]:
+        return sources(self.routes.link, self.routes.up, self.routes.notifications_up, self.topology)
+
+    def publish_declarations(self) -> tuple[list[ExchangeSpec], list[QueueSpec]]:
+        return publish_topology(self.routes.down, self.routes.notifications_down, self.topology)
+
+    def outbound(self, source: Source, delivery: Delivery) -> Message:
+        return Message(source.address_for(delivery.routing_key), delivery.properties, delivery.body)
+
+    def inbound(self, message: Message) -> Publication:
+        address = message.address
+        if isinstance(address, CanaryAddress):
+            return Publication(Destination("", canary_queue_name(self.routes.link)), dict(message.properties), message.body)
+        if isinstance(address, ReplyAddress):
+            if not address.queue:
+                raise Refusal("malformed", "reply without a reply queue")
+            retry_until = self.clock.seconds() + RETURN_RETRY_LIMIT
+            if message.deadline is not None:
+                retry_until = min(retry_until, message.deadline)
+            return Publication(self._destinations.of(address), dict(message.properties), message.body, message.deadline, retry_until)
+        return Publication(self._destinations.of(address), dict(message.properties), message.body, message.deadline)
+
+    def published(self, publication: Publication) -> None:
+        """Nothing to remember: the control half keeps the books."""
+
+    def publish_failed(self, publication: Publication) -> None:
+        """Nothing to undo."""
 
 
 class TenantLink:
     """
-    The tenant half's lasting state: its broker, counters and the session
-    currently up.
-    """
+    The tenant half's lasting state: its broker, counters and the relay of
+    the session that is up.
 
-    _log = Logger()
+    @ivar relay: the relay of the session that is up, or L{None}.
+    @ivar routes: the routes of the latest session.
+    """
 
     def __init__(self, config: TenantConfig, broker: BrokerService, clock: IReactorTime) -> None:
         self.config = config
@@ -46,23 +98,28 @@ class TenantLink:
         self.topology = OsloTopology(config.broker.queues, config.broker.exchange)
         self.stats = LinkStats(config.link or "tenant", clock)
         self.stats.gauges["link_up"] = 0
-        self.relay: TenantRelay | None = None
+        self.relay: Relay | None = None
         self.routes: LinkRoutes | None = None
         self.streams: dict[str, StreamPosition] = {}
 
     def status(self) -> dict[str, Any]:
         """The link seen from the tenant half, for C{/status}."""
-        relay = self.relay if self.relay is not None and self.relay.active else None
+        relay = self.relay
         return {
-            "link": self.stats.link,
+            "link": self.stats.link_name,
             "socket": self.config.socket,
             "up": relay is not None,
-            "session": relay.link.session if relay is not None else None,
+            "session": relay.connection.session_id if relay is not None else None,
             "relayed": {d: self.stats.relayed(d) for d in ("down", "up")},
-            "rejected": {"down": self.stats.get("rejected", direction="down"), "up": self.stats.get("rejected", direction="up")},
+            "rejected": {d: self.stats.get("rejected", direction=d) for d in ("down", "up")},
         }
 
-    def relay_for(self, protocol: TenantLinkProtocol, welcome: Welcome) -> SessionHandler:
+    async def drain(self, timeout: float) -> None:
+        """Stop the session, if one is up, after in-flight messages settle (at most C{timeout} seconds)."""
+        if self.relay is not None:
+            await self.relay.drain(timeout)
+
+    def relay_for(self, connection: LinkProtocol, welcome: Welcome) -> SessionHandler:
         """
         Build the session's relay from the routes in WELCOME.
 
@@ -70,12 +127,26 @@ class TenantLink:
             closes the link).
         """
         routes = LinkRoutes.from_wire(welcome.link, dict(welcome.routes))
-        if self.stats.link != welcome.link:
-            self.stats.link = welcome.link
+        self.stats.link_name = welcome.link
         self.routes = routes
-        self.relay = TenantRelay(self, protocol, routes)
+        relay = Relay(
+            connection,
+            TenantPolicy(routes, self.topology, self.clock),
+            self.broker,
+            ImmediateCredit(connection),
+            (self.config.link_window, TENANT_WINDOW_BYTES),
+            self.clock,
+            self.stats,
+            self.streams,
+            self._ended,
+        )
+        self.relay = relay
         self.stats.count("sessions")
-        return self.relay
+        return relay
+
+    def _ended(self, relay: Relay) -> None:
+        if self.relay is relay:
+            self.relay = None
 
 
 class TenantLinkFactory(Factory):
@@ -86,49 +157,8 @@ class TenantLinkFactory(Factory):
 
     def buildProtocol(self, addr: Any) -> TenantLinkProtocol:
         link = self.link
-        protocol = TenantLinkProtocol(
-            clock=link.clock,
-            expected_link=link.config.link,
-            handler_for=lambda welcome: link.relay_for(protocol, welcome),
-        )
+        protocol = TenantLinkProtocol(clock=link.clock, expected_link=link.config.link, handler_for=lambda welcome: link.relay_for(protocol, welcome))
         protocol.violation_observers.append(lambda code, detail: link.stats.count("protocol_violations", code=code))
+        protocol.ended_observers.append(lambda code: link.stats.count("sessions_ended", reason=code))
         protocol.factory = self
         return protocol
-
-
-class TenantRelay(Relay):
-    """One session seen from the tenant half: a mirror of oslo's own moves."""
-
-    direction_out = "up"
-    direction_in = "down"
-
-    def __init__(self, owner: TenantLink, link: LinkProtocol, routes: LinkRoutes) -> None:
-        super().__init__(link, owner.broker, owner.clock, owner.config.link_window, owner.stats, owner.streams)
-        self.owner = owner
-        self.routes = routes
-
-    def topology(self) -> OsloTopology:
-        return self.owner.topology
-
-    def sources(self) -> list[Source]:
-        return sources(self.routes.link, self.routes.up, self.routes.notifications_up, self.owner.topology)
-
-    def publish_declarations(self) -> tuple[list[ExchangeSpec], list[QueueSpec]]:
-        return publish_topology(self.routes.down, self.routes.notifications_down, self.owner.topology)
-
-    def outbound(self, source: Source, delivery: Delivery) -> Message | None:
-        return Message(0, source.address_for(delivery.routing_key), delivery.properties, delivery.body)
-
-    def inbound(self, message: Message) -> Publication:
-        if isinstance(message.address, CanaryAddress):
-            return Publication(Destination("", canary_queue_name(self.routes.link)), dict(message.properties), message.body)
-        if isinstance(message.address, ReplyAddress):
-            if not message.address.queue:
-                raise Refusal("malformed", "reply without a reply queue")
-            retry_until = self.clock.seconds() + RETURN_RETRY_LIMIT
-            if message.deadline is not None:
-                retry_until = min(retry_until, message.deadline)
-            return Publication(
-                self._destination(message.address), dict(message.properties), message.body, message.deadline, retry_until
-            )
-        return Publication(self._destination(message.address), dict(message.properties), message.body, message.deadline)

@@ -2,47 +2,43 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
-from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from msgmux.calls import CallTracker
+from msgmux.control import ControlLink
 from msgmux.metrics import COUNTERS, MsgmuxCollector
-from msgmux.stats import LinkStats
+from msgmux.oslo.tokens import TokenSigner
+from tests.doubles import clock, control_config, idle_broker
 
+CONFIG = """
+[control]
+transport_url = "rabbit://guest:guest@127.0.0.1:5672/"
 
-class FakeLink:
-    def __init__(self, clock: Clock) -> None:
-        self.stats = LinkStats("tenant-a", clock)
-        self.calls = CallTracker(clock, self.stats)
-
-    def status(self) -> dict[str, Any]:
-        return {"link": "tenant-a", "healthy": True, "up": True}
-
-
-class FakeBroker:
-    name = "control"
-    protocol = None
-    display = ""
+[[control.links]]
+name = "tenant-a"
+socket = "/run/msgmux/tenant-a.sock"
+"""
 
 
 class CollectorTests(SynchronousTestCase):
     def test_series(self) -> None:
         """Counters keep their labels, calls give the in-flight gauge and the latency histogram, brokers their state."""
-        clock = Clock()
-        link = FakeLink(clock)
+        c = clock()
+        config = control_config(CONFIG)
+        broker = idle_broker()
+        link = ControlLink(config.links[0], config, broker, TokenSigner(b"k" * 32), c)
         link.stats.count("relayed", 3, direction="down", kind="rpc")
         link.stats.count("rejected", direction="up", reason="route")
         link.stats.gauges["link_up"] = 1
-        link.calls.begin("t", 10.0, "down")
-        clock.advance(0.02)
+        link.canaries.returned(link.signer.canary("tenant-a", c.seconds()))
+        link.calls.begin("t", c.seconds() + 10, "down")
+        c.advance(0.02)
         link.calls.answered("t")
-        link.calls.begin("u", 10.0, "up")
+        link.calls.begin("u", c.seconds() + 10, "up")
+        self.addCleanup(link.forget_calls)
         registry = CollectorRegistry()
-        registry.register(MsgmuxCollector([("control", link)], [FakeBroker()]))  # type: ignore[list-item]
+        registry.register(MsgmuxCollector(lambda: [("control", link)], [broker]))
         text = generate_latest(registry).decode()
         for line in (
             'msgmux_messages_relayed_total{direction="down",half="control",kind="rpc",link="tenant-a"} 3.0',
@@ -55,7 +51,6 @@ class CollectorTests(SynchronousTestCase):
             'msgmux_broker_connected{broker="control"} 0.0',
         ):
             self.assertIn(line, text)
-        link.calls.cancel_all()
 
     def test_every_counter_is_documented(self) -> None:
         """docs/metrics.md names every metric the collector exports."""

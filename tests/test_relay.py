@@ -1,204 +1,212 @@
 """
-Tests for L{msgmux.relay.Relay} without brokers: what waits for link credit
-goes out in the right order, replies first.
+Tests for L{msgmux.relay.Relay} without brokers, through its public
+faces: the consumers it hands its channel (deliveries in), the session
+handler its link calls (messages, acknowledgements, credit), and the
+channel user its L{DeclaredChannel} calls (ready, lost).  The channel is a
+real L{Channel} writing to a C{StringTransport}; the link is a
+L{RecordingConnection}.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.task import Clock
+from twisted.internet import defer
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from msgmux.amqp.channel import Delivery
-from msgmux.link.codec import Message, ReplyAddress, RpcAddress
-from msgmux.oslo.topology import QueueSpec
-from msgmux.relay import Publication, Relay
-from msgmux.routing import Destination
-from msgmux.routing import Source
+from msgmux.amqp.channel import Channel, ChannelLost
+from msgmux.amqp.declared import Consumer
+from msgmux.amqp import wire
+from msgmux.config import NotificationRule, QueueOptions, RpcRule
+from msgmux.message import Message, ReplyAddress, RpcAddress
+from msgmux.oslo.topology import OsloTopology
+from msgmux.pacing import ImmediateCredit
+from msgmux.relay import Relay
+from msgmux.routing import LinkRoutes
 from msgmux.stats import LinkStats
-from msgmux.streams import OFFSET_HEADER, StreamPosition
+from msgmux.stream_offsets import OFFSET_HEADER, StreamPosition
+from msgmux.tenant import TenantPolicy
+from tests.doubles import RecordingConnection, broker_connection, clock, confirm, delivery, idle_broker, open_channel, published
+
+ROUTES = LinkRoutes(
+    "tenant-a",
+    down=(RpcRule("l3_agent"),),
+    up=(RpcRule("q-reports", fanout=True),),
+    notifications_up=(NotificationRule("notifications", ("info",)),),
+)
 
 
-class FakeLink:
-    established = True
+class RelayTestCase(SynchronousTestCase):
+    """A tenant half's relay (the plain mirror policy), a channel, and the link double."""
 
-    def __init__(self) -> None:
-        self.send_credit = 0
-        self.sent: list[bytes] = []
+    stream_fanout = False
 
-    def send_message(self, message: Message, token: Any) -> None:
-        self.send_credit -= 1
-        self.sent.append(message.body)
+    def setUp(self) -> None:
+        self.clock = clock()
+        self.connection = RecordingConnection(messages=0)
+        self.stats = LinkStats("tenant-a", self.clock)
+        self.streams: dict[str, StreamPosition] = {}
+        options = QueueOptions(rabbit_transient_quorum_queue=self.stream_fanout, rabbit_stream_fanout=self.stream_fanout)
+        policy = TenantPolicy(ROUTES, OsloTopology(options, "openstack"), self.clock)
+        self.relay = Relay(
+            self.connection, policy, idle_broker("tenant"), ImmediateCredit(self.connection), (10, 1000), self.clock, self.stats, self.streams
+        )
+        self.protocol, self.transport = broker_connection(self.clock)
+        self.channel = self.new_channel()
+
+    def new_channel(self, number: int = 1) -> Channel:
+        channel = open_channel(self.protocol, number)
+        self.relay.declarations()
+        self.consumers = {consumer.queue: consumer for consumer in self.relay.consumers(channel)}
+        return channel
+
+    def deliver(self, queue: str, body: bytes, tag: int = 1, **properties: Any) -> None:
+        consumer: Consumer = self.consumers[queue]
+        consumer.deliver(delivery(self.channel, body, queue, properties, tag=tag))
+
+    def settled(self) -> list[tuple[str, int]]:
+        """The acks and rejects the channel wrote since the last call."""
+        data, found, offset = self.transport.value(), [], 0
+        self.transport.clear()
+        while offset < len(data):
+            _, _, size = wire.FRAME_HEAD.unpack_from(data, offset)
+            payload = data[offset + 7 : offset + 7 + size]
+            offset += 8 + size
+            method = (payload[0] << 8 | payload[1], payload[2] << 8 | payload[3])
+            if method in ((wire.BASIC, wire.BASIC_ACK), (wire.BASIC, wire.BASIC_REJECT)):
+                tag = int.from_bytes(payload[4:12], "big")
+                found.append(("ack" if method[1] == wire.BASIC_ACK else "reject", tag))
+        return found
 
 
-class OpenChannel:
-    is_open = True
-
-
-class PassThrough(Relay):
-    def outbound(self, source: Source, delivery: Delivery) -> Message:
-        return Message(0, source.address_for(delivery.routing_key), {}, delivery.body)
-
-
-def delivery(body: bytes) -> Delivery:
-    return Delivery(OpenChannel(), "c", 1, False, "", "k", {}, body, None)  # type: ignore[arg-type]
-
-
-class CreditOrderTests(SynchronousTestCase):
+class OutboundTests(RelayTestCase):
     def test_replies_first(self) -> None:
         """With no credit, casts and replies wait; when credit comes, replies go first, each line in its order."""
-        clock = Clock()
-        link = FakeLink()
-        relay = PassThrough(link, object(), clock, 10, LinkStats("l", clock))  # type: ignore[arg-type]
-        casts = Source(QueueSpec("t", False, False), (), RpcAddress(None, "t"))
-        replies = Source(QueueSpec("reply_msgmux_l", False, False), (), ReplyAddress())
-        for body, source in ((b"cast-1", casts), (b"reply-1", replies), (b"cast-2", casts), (b"reply-2", replies)):
-            relay._delivered(source, delivery(body))
-        self.assertEqual(link.sent, [])
-        link.send_credit = 3
-        relay.credit_received()
-        self.assertEqual(link.sent, [b"reply-1", b"reply-2", b"cast-1"])
-        link.send_credit = 1
-        relay.credit_received()
-        self.assertEqual(link.sent[-1], b"cast-2")
-        link.send_credit = 1
-        relay._delivered(casts, delivery(b"cast-3"))  # nothing waits: straight out
-        self.assertEqual(link.sent[-1], b"cast-3")
-
-
-class RecordingChannel:
-    """A channel that records how deliveries are settled."""
-
-    is_open = True
-
-    def __init__(self) -> None:
-        self.settled: list[tuple[Any, ...]] = []
-
-    def ack(self, tag: int) -> None:
-        self.settled.append(("ack", tag))
-
-    def reject(self, tag: int, requeue: bool) -> None:
-        self.settled.append(("reject", tag, requeue))
-
-
-class ClosingSessionTests(SynchronousTestCase):
-    """
-    Deliveries that arrive while the session closes are left to the broker:
-    the channel closes with the session and hands them back.
-    """
-
-    def setUp(self) -> None:
-        self.clock = Clock()
-        self.link = FakeLink()
-        self.link.send_credit = 10
-        self.relay = PassThrough(self.link, object(), self.clock, 10, LinkStats("l", self.clock))  # type: ignore[arg-type]
-        self.channel = RecordingChannel()
-        self.source = Source(QueueSpec("t", False, False), (), RpcAddress(None, "t"))
-
-    def deliver(self, tag: int, redelivered: bool, headers: dict[str, Any] | None = None) -> Delivery:
-        properties = {"headers": headers} if headers else {}
-        return Delivery(self.channel, "c", tag, redelivered, "", "t", properties, b"x", None)  # type: ignore[arg-type]
-
-    def test_link_closing(self) -> None:
-        """Neither sent nor settled once the link is closing, fresh or redelivered."""
-        self.link.established = False  # type: ignore[misc]
-        self.relay._delivered(self.source, self.deliver(1, False))
-        self.relay._delivered(self.source, self.deliver(2, True))
-        self.assertEqual((self.link.sent, self.channel.settled), ([], []))
-
-    def test_session_ended(self) -> None:
-        """Neither sent nor settled after the session ended, while the channel's close is under way."""
-        self.relay.active = False
-        self.relay._delivered(self.source, self.deliver(1, True))
-        self.assertEqual((self.link.sent, self.channel.settled), ([], []))
-
-    def test_stream_resumes_at_unsent(self) -> None:
-        """A stream message that arrived while closing is where the next session resumes."""
-        position = StreamPosition()
-        self.link.established = False  # type: ignore[misc]
-        self.relay._stream_delivered(self.source, position, self.deliver(1, False, {OFFSET_HEADER: 41}))
-        self.assertEqual(position.resume(), 41)
-
-
-class ExpiryLink(FakeLink):
-    """A link end that also records what the relay acknowledges and grants."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.acknowledged: list[int] = []
-        self.granted = 0
-
-    def acknowledge(self, seq: int) -> None:
-        self.acknowledged.append(seq)
-
-    def grant(self, increment: int) -> None:
-        self.granted += increment
-
-
-class PublishingChannel(RecordingChannel):
-    """A channel that records publishes (their confirms never come)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.published: list[tuple[str, dict[str, Any]]] = []
-
-    def publish_then(self, exchange: str, key: str, properties: dict[str, Any], body: bytes, *rest: Any) -> None:
-        self.published.append((key, properties))
-
-
-class WithDeadline(Relay):
-    """Gives every message, either way, the deadline the test sets."""
-
-    deadline = 0.0
-
-    def outbound(self, source: Source, delivery: Delivery) -> Message:
-        return Message(0, source.address_for(delivery.routing_key), {}, delivery.body, self.deadline)
-
-    def inbound(self, message: Message) -> Publication:
-        return Publication(Destination("openstack", "t"), {}, message.body, self.deadline)
-
-
-class ExpiryTests(SynchronousTestCase):
-    """
-    A call whose deadline passed while msgmux held it is dropped, counted,
-    and settled at its source; one still in time carries what is left of
-    its deadline as the AMQP expiration.
-    """
-
-    def setUp(self) -> None:
-        self.clock = Clock()
-        self.clock.advance(1000)
-        self.link = ExpiryLink()
-        self.link.send_credit = 10
-        self.relay = WithDeadline(self.link, object(), self.clock, 10, LinkStats("l", self.clock))  # type: ignore[arg-type]
-        self.channel = PublishingChannel()
-        self.relay.channel = self.channel  # type: ignore[assignment]
-        self.source = Source(QueueSpec("t", False, False), (), RpcAddress(None, "t"))
-
-    def test_expired_while_waiting_for_credit(self) -> None:
-        """Not sent on the link; acked on its broker, since nobody wants it any more."""
-        self.link.send_credit = 0
-        self.relay.deadline = 1001.0
-        self.relay._delivered(self.source, Delivery(self.channel, "c", 1, False, "", "t", {}, b"late", None))  # type: ignore[arg-type]
-        self.clock.advance(2)
-        self.link.send_credit = 1
+        for tag, (queue, body) in enumerate(
+            [("q-reports", b"cast-1"), ("reply_msgmux_tenant-a", b"reply-1"), ("q-reports", b"cast-2"), ("reply_msgmux_tenant-a", b"reply-2")], 1
+        ):
+            self.deliver(queue, body, tag)
+        self.assertEqual(self.connection.sent, [])
+        self.connection.messages = 3
         self.relay.credit_received()
-        self.assertEqual(self.link.sent, [])
-        self.assertEqual(self.channel.settled, [("ack", 1)])
-        self.assertEqual(self.relay.stats.get("expired", direction="out"), 1)
+        self.assertEqual([m.body for m, _ in self.connection.sent], [b"reply-1", b"reply-2", b"cast-1"])
+        self.connection.messages = 1
+        self.relay.credit_received()
+        self.assertEqual(self.connection.sent[-1][0].body, b"cast-2")
+        self.connection.messages = 1
+        self.deliver("q-reports", b"cast-3", 5)  # nothing waits: straight out
+        self.assertEqual(self.connection.sent[-1][0].body, b"cast-3")
+
+    def test_byte_credit_holds_a_large_message(self) -> None:
+        """A message larger than the byte credit waits for more, and what follows waits behind it."""
+        self.connection.messages, self.connection.body_bytes = 10, 100
+        self.deliver("q-reports", b"x" * 150, 1)
+        self.deliver("q-reports", b"y", 2)
+        self.assertEqual(self.connection.sent, [])
+        self.connection.body_bytes = 200
+        self.relay.credit_received()
+        self.assertEqual([m.body for m, _ in self.connection.sent], [b"x" * 150, b"y"])
+
+    def test_settled_when_the_peer_settles(self) -> None:
+        """A delivery is acked when the peer ACKs it, rejected for good when the peer refuses it."""
+        self.connection.messages = 2
+        self.deliver("q-reports", b"a", 1)
+        self.deliver("q-reports", b"b", 2)
+        (_, first), (_, second) = self.connection.sent
+        self.assertEqual(self.settled(), [])
+        self.relay.messages_acknowledged([first])
+        self.relay.message_refused(second, "made-up reason")
+        self.assertEqual(self.settled(), [("ack", 1), ("reject", 2)])
+        self.assertEqual(self.stats.get("relayed", direction="up", kind="rpc"), 1)
+        self.assertEqual(self.stats.get("refused_by_peer", direction="up", reason="other"), 1)
+
+    def test_closing_session_leaves_deliveries_to_the_broker(self) -> None:
+        """Neither sent nor settled once the link is closing: the channel's close hands them back."""
+        self.connection.messages = 5
+        self.connection.open = False
+        self.deliver("q-reports", b"a", 1)
+        self.assertEqual((self.connection.sent, self.settled()), ([], []))
+
+
+class StreamTests(RelayTestCase):
+    stream_fanout = True
+
+    def test_resume_at_first_unsettled(self) -> None:
+        """A stream delivery arriving while the session closes is where the next channel resumes, its offset header stripped."""
+        self.connection.messages = 5
+        queue = "q-reports_fanout"
+        self.deliver(queue, b"a", 1, headers={OFFSET_HEADER: 40})
+        (message, token), = self.connection.sent
+        self.assertNotIn(OFFSET_HEADER, message.properties.get("headers", {}))
+        self.relay.messages_acknowledged([token])
+        self.connection.open = False
+        self.deliver(queue, b"b", 2, headers={OFFSET_HEADER: 41})
+        self.relay.channel_lost(self.channel, Failure(ChannelLost("gone")))
+        self.new_channel(2)
+        consume = self.consumers[queue]
+        self.assertEqual(consume.arguments[OFFSET_HEADER], 41)
+
+
+class InboundTests(RelayTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.protocol.fast_channels.clear()
+        self.channel = open_channel(self.protocol)
+
+    def test_waits_for_a_channel_then_publishes(self) -> None:
+        """A message that arrives before the channel is published once it is ready; the window opens once."""
+        self.relay.message_received(1, Message(RpcAddress(None, "l3_agent"), {"delivery_mode": 2}, b"cast"))
+        self.assertEqual(published(self.transport), [])
+        self.relay.channel_ready(self.channel)
+        self.assertEqual(published(self.transport), [("openstack", "l3_agent", {"delivery_mode": 2}, b"cast")])
+        # Not in confirm mode: the publish counts as confirmed at once.
+        self.assertEqual(self.connection.acknowledged, [1])
+        self.assertEqual(self.connection.granted, [(10, 1000), (1, 4)])
+        self.relay.channel_lost(self.channel, Failure(ChannelLost("gone")))
+        self.relay.channel_ready(open_channel(self.protocol, 2))
+        self.assertEqual(self.connection.granted, [(10, 1000), (1, 4)])
+
+    def test_confirmed_before_acknowledged(self) -> None:
+        """In confirm mode, the peer's message is acknowledged only when the broker confirms it; a nack is retried."""
+        self.successResultOf(defer.Deferred.fromCoroutine(self.channel.select_confirms()))
+        self.relay.channel_ready(self.channel)
+        self.relay.message_received(1, Message(RpcAddress(None, "l3_agent"), {}, b"one"))
+        self.assertEqual(self.connection.acknowledged, [])
+        confirm(self.protocol, 1, 1, ok=False)
+        self.assertEqual(self.connection.acknowledged, [])
+        self.assertEqual(self.stats.get("nacked", direction="down"), 1)
+        self.clock.advance(1.0)
+        self.assertEqual(len(published(self.transport)), 2)
+        confirm(self.protocol, 1, 2)
+        self.assertEqual(self.connection.acknowledged, [1])
 
     def test_expired_before_publish(self) -> None:
-        """Not published; acknowledged to the peer, which acks it at its source."""
-        self.relay.deadline = 999.0
-        self.relay.message_received(Message(1, RpcAddress(None, "t"), {}, b"late", 999.0))
-        self.assertEqual(self.channel.published, [])
-        self.assertEqual(self.link.acknowledged, [1])
-        self.assertEqual(self.relay.stats.get("expired", direction="in"), 1)
+        """A message past its deadline is not published; it is acknowledged, and its source acks it."""
+        self.relay.channel_ready(self.channel)
+        self.relay.message_received(1, Message(RpcAddress(None, "l3_agent"), {}, b"late", self.clock.seconds() - 1))
+        self.assertEqual(published(self.transport), [])
+        self.assertEqual(self.connection.acknowledged, [1])
+        self.assertEqual(self.stats.get("expired", direction="down"), 1)
 
     def test_in_time_carries_the_rest_as_expiration(self) -> None:
-        """Published with the milliseconds it has left."""
-        self.relay.deadline = 1002.5
-        self.relay.message_received(Message(1, RpcAddress(None, "t"), {}, b"call", 1002.5))
-        self.assertEqual(self.channel.published, [("t", {"expiration": "2500"})])
-        self.assertEqual(self.link.acknowledged, [])
+        """A message in time is published with the milliseconds it has left."""
+        self.relay.channel_ready(self.channel)
+        self.relay.message_received(1, Message(RpcAddress(None, "l3_agent"), {}, b"call", self.clock.seconds() + 2.5))
+        [(_, _, properties, _)] = published(self.transport)
+        self.assertEqual(properties["expiration"], "2500")
+
+    def test_refused_by_policy(self) -> None:
+        """The policy's refusal goes back as REJECT with its reason, counted, and the credit comes back."""
+        self.relay.channel_ready(self.channel)
+        self.relay.message_received(1, Message(ReplyAddress(None), {}, b"{}"))
+        self.assertEqual(self.connection.refused, [(1, "malformed")])
+        self.assertEqual(self.stats.get("rejected", direction="down", reason="malformed"), 1)
+        self.assertEqual(self.connection.granted[-1], (1, 2))
+
+    def test_unpublishable_property(self) -> None:
+        """A property RabbitMQ would close the channel over is refused before it is written."""
+        self.relay.channel_ready(self.channel)
+        self.relay.message_received(1, Message(RpcAddress(None, "l3_agent"), {"delivery_mode": 3}, b"x"))
+        self.assertEqual(published(self.transport), [])
+        self.assertEqual(self.connection.refused, [(1, "malformed")])

@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 import msgmux
 from msgmux.config import LinkConfig, NotificationRule, QueueOptions, RpcRule
-from msgmux.link.codec import CanaryAddress, NotificationAddress, ReplyAddress, RpcAddress
+from msgmux.message import CanaryAddress, NotificationAddress, ReplyAddress, RpcAddress
 from msgmux.oslo.topology import ExchangeSpec, OsloTopology
 from msgmux.routing import (
     Destination,

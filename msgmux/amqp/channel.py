@@ -45,6 +45,26 @@ class PublishReturned(Exception):
     """
 
 
+def check_publishable(properties: dict[str, Any]) -> None:
+    """
+    Refuse the property values RabbitMQ answers by closing the channel
+    (PRECONDITION_FAILED), which would fail every other publish in flight
+    on it.  Checked against RabbitMQ 3.10: a C{delivery_mode} other than 1
+    or 2 (C{delivery_mode_unknown}), an C{expiration} that is negative, not
+    an integer, or in other scripts' digits.  msgmux also keeps
+    C{expiration} to 1-10 ASCII digits.
+
+    @raise Unpublishable: naming the property.
+    """
+    mode = properties.get("delivery_mode")
+    if mode is not None and mode not in (1, 2):
+        raise Unpublishable(f"delivery_mode {mode!r} is neither 1 nor 2")
+    expiration = properties.get("expiration")
+    if expiration is not None:
+        if type(expiration) is not str or not (0 < len(expiration) <= 10 and expiration.isascii() and expiration.isdigit()):
+            raise Unpublishable(f"expiration {expiration!r} is not 1 to 10 digits of milliseconds"[:200])
+
+
 def _fire(confirmed: defer.Deferred[None], error: Exception | None) -> None:
     if error is None:
         confirmed.callback(None)
@@ -137,6 +157,10 @@ class Channel:
         #: Told the tag of every delivery as it is acknowledged or rejected.
         self.settle_observer: Callable[[int], None] | None = None
         self.lost_reason: Failure | None = None
+        #: The reply code of the broker's C{channel.close}, when the broker
+        #: closed this channel over an error (a publish or declaration it
+        #: refused), rather than the connection going or msgmux closing it.
+        self.closed_by_broker: int | None = None
         self.lost_observers: list[Callable[[Failure], None]] = []
         self.return_observers: list[Callable[[int, str, str, str, dict[str, Any], bytes], None]] = []
         self.cancel_observers: list[Callable[[str], None]] = []
@@ -278,6 +302,7 @@ class Channel:
         if not self.is_open:
             outcome(argument, ChannelLost("channel is closed"))
             return
+        check_publishable(properties)
         try:
             parts = wire.encode_publish(
                 self.number, exchange, routing_key, properties, body, self.protocol.MAX_LENGTH, mandatory

@@ -66,6 +66,21 @@ class BrokerDelegate(TwistedDelegate):
         self.client.consumer_cancelled(channel.id, message.consumer_tag)
 
 
+def _channel_close_code(reason: Failure) -> int | None:
+    """
+    @return: the reply code of the broker's C{channel.close} that
+        C{reason} (from txAMQP) carries, or L{None}.
+    """
+    value = reason.value
+    method = getattr(value, "method", None)
+    if method is None or getattr(getattr(method, "klass", None), "name", None) != "channel":
+        return None
+    try:
+        return int(value.reply_code)
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
 class _Incoming:
     """A message whose content frames are still arriving on one channel."""
 
@@ -321,6 +336,7 @@ class BrokerProtocol(AMQClient):
         fast = self.fast_channels.pop(channel.id, None)
         forget_txamqp_channel(self, channel.id)
         if fast is not None:
+            fast.closed_by_broker = _channel_close_code(reason)
             fast.lost(reason)
 
     def do_close(self, reason: Any) -> None:

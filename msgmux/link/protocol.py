@@ -2,18 +2,28 @@
 """
 The link protocol: frames over a Unix stream socket between the two halves.
 
-L{LinkProtocol} does everything both halves share: decoding with
-L{msgmux.link.codec.FrameDecoder}, heartbeats, sequence numbers, credit
-accounting and ACK/CREDIT batching, and closing with a reason.  The
-handshake differs by role: L{ControlLinkProtocol} waits for HELLO and answers
-WELCOME; L{TenantLinkProtocol} says HELLO and waits for WELCOME.  Once the
-session is up, messages and their outcomes go to a L{SessionHandler} (the
-relay of that half).
+L{LinkProtocol} does everything both halves share.  Its state is one
+L{LinkState}, and what it does with a frame is one lookup in a table of
+C{(state, frame type) -> handler}; a frame the table does not list for the
+current state is a protocol violation.  Sequence numbers and credit are
+counted by the sans-IO windows of L{msgmux.link.flow}; ACK and CREDIT
+frames are batched to ride along with the next message.  The handshake is
+the only thing that differs by role: L{ControlLinkProtocol} waits for HELLO
+and answers WELCOME, L{TenantLinkProtocol} says HELLO and waits for
+WELCOME.  Once the session is up, messages and their outcomes go to a
+L{SessionHandler} (the relay of that half).
+
+A peer is held to bounds, so that a hostile one costs this half little:
+frames that carry no work (heartbeats, empty ACKs and CREDITs) have a
+budget (C{frame-flood} when it is exhausted), a peer that stops reading
+what we send is disconnected once our unread output passes a bound
+(C{slow-reader}), and no connection handles more than L{FRAMES_PER_TURN}
+frames in one turn of the reactor before the others get theirs.
 """
 
 from __future__ import annotations
 
-import collections
+import enum
 import os
 import socket
 import struct
@@ -29,23 +39,26 @@ from twisted.python.failure import Failure
 from msgmux import __version__
 from msgmux._writethrough import Writer
 from msgmux.link import codec
-from msgmux.link.codec import (
-    Ack,
-    Close,
-    Credit,
-    Frame,
-    FrameError,
-    Heartbeat,
-    Hello,
-    Message,
-    Reject,
-    Welcome,
-)
+from msgmux.link.codec import Ack, Close, Credit, Frame, FrameError, Heartbeat, Hello, MessageFrame, Reject, Welcome
+from msgmux.link.flow import ProtocolViolation, ReceiveWindow, SendWindow
+from msgmux.message import Message
+from msgmux.pacing import TokenBucket
+from msgmux.timers import Timers
+
+__all__ = [
+    "ControlLinkProtocol",
+    "LinkConnection",
+    "LinkProtocol",
+    "LinkState",
+    "MessageTooLarge",
+    "ProtocolViolation",
+    "SessionHandler",
+    "TenantLinkProtocol",
+    "peer_credentials",
+]
 
 #: Seconds a new connection may take to complete the handshake.
 HANDSHAKE_TIMEOUT = 10.0
-
-_LENGTH = struct.Struct(">I")
 
 #: Sequence numbers acknowledged per ACK frame at most.
 ACK_BATCH = 256
@@ -60,38 +73,57 @@ SETTLE_DELAY = 0.005
 #: waiting: enough that the sender's broker prefetch never runs dry.
 ACK_EAGER = 8
 
-#: Largest frame the control half accepts before the handshake completes:
-#: HELLO is small, and a peer that has not said who it is gets no room to
-#: make the control half buffer megabytes.
-HANDSHAKE_MAX_FRAME = 16 * 1024
-
 #: Characters of peer-supplied text (CLOSE details, HELLO software) logged.
 LOGGED_TEXT = 200
 
 #: Seconds a closing connection may take to deliver its CLOSE frame and
-#: what is buffered before it is aborted.  Without this a peer that stops
-#: reading would keep the connection, and the session with its unsettled
-#: deliveries, for as long as it likes.
+#: what is buffered before it is aborted.
 CLOSE_GRACE = 5.0
 
 #: Seconds a sent message may stay unacknowledged before the session is
 #: closed (its broker then redelivers it, possibly to a competing consumer).
-#: A half whose broker blocks publishing holds messages legitimately, but not
-#: for minutes; one that holds them forever starves the other consumers of
-#: a shared queue.
 ACK_TIMEOUT = 300.0
+
+#: Frames that carry no work (HEARTBEAT, and ACK or CREDIT for nothing) a
+#: peer may send per second, and in a burst.  A real peer sends about one
+#: heartbeat per interval.
+IDLE_FRAME_RATE = 50.0
+IDLE_FRAME_BURST = 500
+
+#: Frames handled per connection in one turn of the reactor; the rest wait
+#: for the next turn, with reading paused, so that one busy connection
+#: cannot hold the reactor while others wait.
+FRAMES_PER_TURN = 64
+
+#: Body bytes we keep sent and unacknowledged at most, whatever credit the
+#: peer grants: it bounds what a peer that never reads can make us buffer.
+MAX_UNSETTLED_BYTES = 64 * 1024 * 1024
+
+#: Bytes we may write to a peer that does not read them (its socket and our
+#: buffer are full) before we give up on it: the unsettled messages above
+#: plus room for the small frames that answer its own.
+MAX_UNREAD_OUTPUT = MAX_UNSETTLED_BYTES + 4 * 1024 * 1024
+
+
+class LinkState(enum.Enum):
+    """Where a link connection is in its life."""
+
+    HANDSHAKE = "handshake"  # connected; HELLO/WELCOME not yet exchanged
+    OPEN = "open"  # the session is up
+    CLOSING = "closing"  # CLOSE sent or received; the connection is going
+    CLOSED = "closed"  # the connection is gone
 
 
 class SessionHandler(Protocol):
-    """What a half does with an established link session."""
+    """What a half does with an established link session (its relay)."""
 
-    def session_started(self, link: LinkProtocol) -> None:
-        """The handshake completed; C{link} can carry messages."""
+    def session_started(self, connection: LinkConnection) -> None:
+        """The handshake completed; C{connection} can carry messages."""
 
-    def message_received(self, message: Message) -> None:
+    def message_received(self, seq: int, message: Message) -> None:
         """
-        The peer sent a message; answer later with L{LinkProtocol.acknowledge}
-        or L{LinkProtocol.refuse}.
+        The peer sent a message; answer later with
+        L{LinkConnection.acknowledge} or L{LinkConnection.refuse}.
         """
 
     def messages_acknowledged(self, tokens: list[Any]) -> None:
@@ -101,112 +133,150 @@ class SessionHandler(Protocol):
         """The peer refused a message we sent, for good."""
 
     def credit_received(self) -> None:
-        """The peer allowed more messages; L{LinkProtocol.send_credit} grew."""
+        """The peer allowed more messages."""
 
     def session_ended(self, reason: str) -> None:
         """The session is over (the socket closed); in-flight state is void."""
 
 
+class LinkConnection(Protocol):
+    """What a relay uses of its link session."""
+
+    link_name: str | None
+    session_id: str | None
+
+    @property
+    def established(self) -> bool:
+        """Whether the session is up and usable."""
+
+    @property
+    def unacknowledged(self) -> int:
+        """Messages we sent that the peer has not settled."""
+
+    def can_send(self, message: Message) -> bool:
+        """Whether the credit the peer granted lets C{message} go now."""
+
+    def send_message(self, message: Message, token: Any) -> None:
+        """Send C{message} (see L{LinkProtocol.send_message})."""
+
+    def acknowledge(self, seq: int) -> None:
+        """The peer's message C{seq} is safely published."""
+
+    def refuse(self, seq: int, reason: str) -> None:
+        """Refuse the peer's message C{seq} for good."""
+
+    def grant(self, messages: int, body_bytes: int) -> None:
+        """Let the peer send more."""
+
+    def close(self, code: str, detail: str) -> None:
+        """End the session, saying why."""
+
+
 class MessageTooLarge(Exception):
-    """A message does not fit the largest frame the peer accepts."""
-
-
-class ProtocolViolation(Exception):
-    """The peer broke the protocol; the link closes with C{code}."""
-
-    def __init__(self, code: str, detail: str) -> None:
-        super().__init__(detail)
-        self.code = code
-        self.detail = detail
+    """A message does not fit what the peer accepts."""
 
 
 class LinkProtocol(TwistedProtocol):
     """
     Shared machinery of both ends of a link.
 
-    @ivar send_credit: messages we may still send before the peer grants more.
-    @ivar receive_credit: messages the peer may still send us.
-    @ivar session: the session id from WELCOME, once established.
-    @ivar close_reason: why the link closed (or is closing), for logs and tests.
+    @ivar state: where the connection is (L{LinkState}).
+    @ivar session_id: the session id from WELCOME, once established.
+    @ivar close_code: why the link closed (or is closing), as a short code
+        (a metric label); L{close_reason} has the words.
+    @ivar peer_max_body: the largest body the peer accepts.
+    @ivar max_unread_output: bytes of our output the peer may leave unread
+        before we give up on it.
     """
 
     _log = Logger()
+    max_unread_output = MAX_UNREAD_OUTPUT
 
-    def __init__(self, clock: IReactorTime, heartbeat: float, max_frame: int = codec.DEFAULT_MAX_FRAME) -> None:
+    def __init__(self, clock: IReactorTime, heartbeat: float, max_body: int = codec.DEFAULT_MAX_BODY) -> None:
         self.clock = clock
         self.heartbeat = heartbeat
-        self.decoder = codec.FrameDecoder(max_frame)
-        self._writer = Writer(clock)
-        self.peer_max_frame = codec.DEFAULT_MAX_FRAME
+        self.state = LinkState.HANDSHAKE
+        self.decoder = codec.FrameDecoder(0)  # no MSG before the handshake
+        self._session_max_body = max_body
+        self.peer_max_body = codec.DEFAULT_MAX_BODY
         self.handler: SessionHandler | None = None
-        self.session: str | None = None
+        self.session_id: str | None = None
         self.link_name: str | None = None
-        self.send_credit = 0
-        self.receive_credit = 0
+        self.close_code: str | None = None
         self.close_reason: str | None = None
         self.violation_observers: list[Callable[[str, str], None]] = []
-        self._next_seq = 1
-        self._expected_seq = 1
-        self._unacked: dict[int, Any] = {}
-        # (seq, when sent) for at most one message per second, oldest first:
-        # enough to tell the age of the oldest unacknowledged message to
-        # within a second, in bounded memory.
-        self._send_times: collections.deque[tuple[int, float]] = collections.deque()
+        self.ended_observers: list[Callable[[str], None]] = []
+        self.sending = SendWindow(MAX_UNSETTLED_BYTES)
+        self.receiving = ReceiveWindow()
+        self._writer = Writer(clock)
+        self._timers = Timers(clock)
+        self._heartbeats: LoopingCall | None = None
+        self._idle_frames = TokenBucket(IDLE_FRAME_RATE, IDLE_FRAME_BURST, clock)
         self._pending_acks: list[int] = []
-        self._pending_credit = 0
-        self._flush_call: Any = None
+        self._pending_credit = (0, 0)
+        self._backlog: list[Frame] = []
+        self._reading_paused = False
+        self._unread_output: int | None = None  # counting while the peer does not read
         self._last_received = 0.0
         self._last_sent = 0.0
-        self._heartbeat_loop: LoopingCall | None = None
-        self._handshake_timer: Any = None
-        self._abort_timer: Any = None
+        self._table: dict[tuple[LinkState, type], Callable[[Any], None]] = {
+            (LinkState.HANDSHAKE, Heartbeat): self._idle_frame,
+            (LinkState.HANDSHAKE, Close): self._peer_closed,
+            (LinkState.OPEN, MessageFrame): self._message,
+            (LinkState.OPEN, Ack): self._ack,
+            (LinkState.OPEN, Reject): self._reject,
+            (LinkState.OPEN, Credit): self._credit,
+            (LinkState.OPEN, Heartbeat): self._idle_frame,
+            (LinkState.OPEN, Close): self._peer_closed,
+        }
 
     # --- connection lifecycle ---------------------------------------------
 
     def connectionMade(self) -> None:
-        now = self.clock.seconds()
-        self._last_received = self._last_sent = now
-        self._handshake_timer = self.clock.callLater(HANDSHAKE_TIMEOUT, self._handshake_timed_out)
+        self._last_received = self._last_sent = self.clock.seconds()
+        self._timers.start("handshake", HANDSHAKE_TIMEOUT, self.close, "handshake-timeout", f"no handshake within {HANDSHAKE_TIMEOUT:.0f}s")
+        self.transport.registerProducer(self, True)
 
-    def _handshake_timed_out(self) -> None:
-        self._handshake_timer = None
-        self.close("handshake-timeout", f"no handshake within {HANDSHAKE_TIMEOUT:.0f}s")
-
-    def _session_started(self) -> None:
-        if self._handshake_timer is not None:
-            self._handshake_timer.cancel()
-            self._handshake_timer = None
-        loop = LoopingCall(self._check_heartbeat)
-        loop.clock = self.clock
-        loop.start(self.heartbeat, now=False)
-        self._heartbeat_loop = loop
-        assert self.handler is not None
-        self.handler.session_started(self)
+    def _open(self, handler: SessionHandler, session_id: str) -> None:
+        """The handshake completed: the session is up."""
+        self.state = LinkState.OPEN
+        self.handler = handler
+        self.session_id = session_id
+        self.decoder.max_body = self._session_max_body
+        self._timers.cancel("handshake")
+        self._heartbeats = LoopingCall(self._check_heartbeat)
+        self._heartbeats.clock = self.clock
+        self._heartbeats.start(self.heartbeat, now=False)
+        handler.session_started(self)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError("lost"))) -> None:
-        if self._handshake_timer is not None:
-            self._handshake_timer.cancel()
-            self._handshake_timer = None
-        if self._abort_timer is not None and self._abort_timer.active():
-            self._abort_timer.cancel()
-        self._abort_timer = None
-        if self._heartbeat_loop is not None and self._heartbeat_loop.running:
-            self._heartbeat_loop.stop()
-        if self._flush_call is not None and self._flush_call.active():
-            self._flush_call.cancel()
-        self._flush_call = None
-        if self.close_reason is None:
+        was_open = self.session_id is not None and self.handler is not None
+        if self.close_code is None:
+            self.close_code = "connection-lost"
             self.close_reason = f"connection lost: {reason.getErrorMessage()}"
+        self.state = LinkState.CLOSED
+        self._timers.cancel_all()
+        self._stop_heartbeats()
+        self._backlog.clear()
+        self.sending.clear()
         handler, self.handler = self.handler, None
-        self._unacked.clear()
-        self._send_times.clear()
-        if handler is not None and self.session is not None:
-            handler.session_ended(self.close_reason)
+        if was_open:
+            self._log.info(
+                "Link {link}: session {session} ended ({code}): {reason}",
+                link=self.link_name or "?",
+                session=self.session_id,
+                code=self.close_code,
+                reason=self.close_reason,
+            )
+            for observer in list(self.ended_observers):
+                observer(self.close_code)
+            assert handler is not None
+            handler.session_ended(self.close_reason or self.close_code)
 
     @property
     def established(self) -> bool:
         """Whether the session is up and usable."""
-        return self.handler is not None and self.session is not None and self.close_reason is None
+        return self.state is LinkState.OPEN
 
     def close(self, code: str, detail: str) -> None:
         """
@@ -215,153 +285,211 @@ class LinkProtocol(TwistedProtocol):
         @param code: a short machine-readable reason (see C{docs/protocol.md}).
         @param detail: words for the log of the other half.
         """
-        if self.close_reason is not None:
+        if self.state in (LinkState.CLOSING, LinkState.CLOSED):
             return
-        self.close_reason = f"{code}: {detail}"
+        self._closing(code, f"{code}: {detail}")
         if self.transport is not None:
             self._flush()
             self._write(Close(code, detail[:500]))
             self._disconnect()
+
+    def _closing(self, code: str, reason: str) -> None:
+        self.state = LinkState.CLOSING
+        self.close_code = code
+        self.close_reason = reason
+        self._stop_heartbeats()
 
     def _disconnect(self) -> None:
         """
         Close the connection once what is buffered is written, or abort it
         after L{CLOSE_GRACE} seconds if the peer does not read it.
         """
-        if self._heartbeat_loop is not None and self._heartbeat_loop.running:
-            self._heartbeat_loop.stop()
         self.transport.loseConnection()
-        if self._abort_timer is None:
-            self._abort_timer = self.clock.callLater(CLOSE_GRACE, self._abort)
+        if not self._timers.pending("abort"):
+            self._timers.start("abort", CLOSE_GRACE, self._abort, f"the peer did not take the close for {CLOSE_GRACE:.0f}s")
 
-    def _abort(self) -> None:
-        self._abort_timer = None
-        self._log.warn(
-            "Link {link}: the peer did not take the close for {grace:.0f}s; aborting", link=self.link_name or "?", grace=CLOSE_GRACE
-        )
+    def _abort(self, why: str) -> None:
+        self._log.warn("Link {link}: {why}; aborting", link=self.link_name or "?", why=why)
         self.transport.abortConnection()
 
+    def _stop_heartbeats(self) -> None:
+        if self._heartbeats is not None and self._heartbeats.running:
+            self._heartbeats.stop()
+        self._heartbeats = None
+
     def _violation(self, code: str, detail: str) -> None:
-        self._log.warn(
-            "Link {link}: protocol violation ({code}): {detail}; closing",
-            link=self.link_name or "?",
-            code=code,
-            detail=detail,
-        )
+        self._log.warn("Link {link}: protocol violation ({code}): {detail}; closing", link=self.link_name or "?", code=code, detail=detail)
         for observer in list(self.violation_observers):
             observer(code, detail)
         self.close(code, detail)
+
+    # --- producer: the transport tells us when the peer stops reading -------
+
+    def pauseProducing(self) -> None:
+        """Our output is piling up: the peer is not reading; start counting."""
+        if self._unread_output is None:
+            self._unread_output = 0
+
+    def resumeProducing(self) -> None:
+        """The peer caught up."""
+        self._unread_output = None
+
+    def stopProducing(self) -> None:
+        """The connection is going; connectionLost does the rest."""
+
+    def _wrote(self, size: int) -> None:
+        if self._unread_output is None:
+            return
+        self._unread_output += size
+        if self._unread_output > self.max_unread_output and self.state is not LinkState.CLOSED:
+            self._closing("slow-reader", f"slow-reader: the peer left {self._unread_output} bytes unread")
+            self._abort(f"the peer left {self._unread_output} bytes of our output unread")
 
     # --- incoming -----------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
         self._last_received = self.clock.seconds()
-        if self.close_reason is not None:
+        if self.state in (LinkState.CLOSING, LinkState.CLOSED):
             return
         try:
             frames = self.decoder.feed(data)
+        except codec.LegacyFrame:
+            self._legacy_peer()
+            return
         except FrameError as e:
             self._violation("bad-frame", str(e))
             return
+        if self._backlog:
+            self._backlog.extend(frames)
+        else:
+            self._backlog = frames
+        self._handle_backlog()
+
+    def _handle_backlog(self) -> None:
+        """Handle up to L{FRAMES_PER_TURN} frames; leave the rest for the next turn."""
+        backlog = self._backlog
+        count = min(len(backlog), FRAMES_PER_TURN)
         try:
-            for frame in frames:
-                if self.close_reason is not None:
+            for index in range(count):
+                if self.state not in (LinkState.HANDSHAKE, LinkState.OPEN):
                     return
-                if type(frame) is Message and self.handler is not None and self.session is not None:
-                    self._message(frame)  # the common case, without the dispatch below
-                else:
-                    self.frame_received(frame)
+                frame = backlog[index]
+                if type(frame) is MessageFrame and self.state is LinkState.OPEN:
+                    self._message(frame)  # the common case, without the lookup
+                    continue
+                handler = self._table.get((self.state, type(frame)))
+                if handler is None:
+                    handler = self._handshake_handler(frame)
+                handler(frame)
         except ProtocolViolation as e:
             self._violation(e.code, e.detail)
-
-    def _message(self, frame: Message) -> None:
-        if frame.seq != self._expected_seq:
-            raise ProtocolViolation("bad-sequence", f"expected MSG {self._expected_seq}, got {frame.seq}")
-        if self.receive_credit <= 0:
-            raise ProtocolViolation("flow-control", f"MSG {frame.seq} sent without credit")
-        self._expected_seq += 1
-        self.receive_credit -= 1
-        self.handler.message_received(frame)  # type: ignore[union-attr]
-
-    def frame_received(self, frame: Frame) -> None:
-        """Dispatch one frame of an established session (handshake frames are the subclasses')."""
-        if isinstance(frame, Heartbeat):
             return
-        if isinstance(frame, Close):
-            code, detail = frame.code[:40], frame.detail[:LOGGED_TEXT]
-            self.close_reason = f"peer closed: {code}: {detail}"
-            self._log.info("Link {link}: peer closed ({code}): {detail}", link=self.link_name or "?", code=code, detail=detail)
-            self._disconnect()
+        finally:
+            del backlog[:count]
+        if backlog and self.state in (LinkState.HANDSHAKE, LinkState.OPEN):
+            if not self._reading_paused:
+                self._reading_paused = True
+                self.transport.pauseProducing()
+            self._timers.start("backlog", 0, self._handle_backlog)
+        elif self._reading_paused:
+            self._reading_paused = False
+            self.transport.resumeProducing()
+
+    def _handshake_handler(self, frame: Frame) -> Callable[[Any], None]:
+        """
+        @return: the role's handler for a handshake frame in the handshake.
+        @raise ProtocolViolation: for any frame the state does not allow.
+        """
+        raise ProtocolViolation("unexpected-frame", f"{type(frame).__name__} in state {self.state.value}")
+
+    def _legacy_peer(self) -> None:
+        """A version 1 peer: tell it, in its own framing, to upgrade."""
+        self._closing("version", "version: the peer speaks link protocol version 1")
+        self.transport.write(codec.encode_v1_close("version", f"this half speaks link protocol version {codec.PROTOCOL_VERSION}; upgrade msgmux"))
+        self._disconnect()
+
+    def _idle_frame(self, frame: Frame) -> None:
+        """A frame that carries no work: charge the budget for such frames."""
+        if not self._idle_frames.take(1):
+            raise ProtocolViolation("frame-flood", f"more than {IDLE_FRAME_RATE:.0f} frames per second that carry no work")
+
+    def _peer_closed(self, frame: Close) -> None:
+        code, detail = frame.code[:40], frame.detail[:LOGGED_TEXT]
+        self._closing("peer-closed", f"peer closed: {code}: {detail}")
+        self._log.info("Link {link}: peer closed ({code}): {detail}", link=self.link_name or "?", code=code, detail=detail)
+        self._disconnect()
+
+    def _message(self, frame: MessageFrame) -> None:
+        message = frame.message
+        self.receiving.received(frame.seq, len(message.body))
+        self.handler.message_received(frame.seq, message)  # type: ignore[union-attr]
+
+    def _ack(self, frame: Ack) -> None:
+        if not frame.seqs:
+            self._idle_frame(frame)
             return
-        if not self.established:
-            raise ProtocolViolation("unexpected-frame", f"{type(frame).__name__} before the handshake completed")
-        assert self.handler is not None
-        if isinstance(frame, Message):
-            self._message(frame)
-        elif isinstance(frame, Ack):
-            tokens = []
-            for seq in frame.seqs:
-                if seq not in self._unacked:
-                    raise ProtocolViolation("bad-ack", f"ACK for {seq}, which is not outstanding")
-                tokens.append(self._unacked.pop(seq))
-            self.handler.messages_acknowledged(tokens)
-        elif isinstance(frame, Reject):
-            if frame.seq not in self._unacked:
-                raise ProtocolViolation("bad-ack", f"REJECT for {frame.seq}, which is not outstanding")
-            self.handler.message_refused(self._unacked.pop(frame.seq), frame.reason)
-        elif isinstance(frame, Credit):
-            if self.send_credit + frame.increment > 1 << 20:
-                raise ProtocolViolation("flow-control", "credit beyond 2**20 messages")
-            self.send_credit += frame.increment
-            if frame.increment:
-                self.handler.credit_received()
-        else:
-            raise ProtocolViolation("unexpected-frame", f"{type(frame).__name__} after the handshake")
+        settled = self.sending.settled
+        tokens = [settled(seq) for seq in frame.seqs]
+        self.handler.messages_acknowledged(tokens)  # type: ignore[union-attr]
+
+    def _reject(self, frame: Reject) -> None:
+        self.handler.message_refused(self.sending.settled(frame.seq), frame.reason)  # type: ignore[union-attr]
+
+    def _credit(self, frame: Credit) -> None:
+        if not frame.messages and not frame.bytes:
+            self._idle_frame(frame)
+            return
+        self.sending.granted(frame.messages, frame.bytes)
+        self.handler.credit_received()  # type: ignore[union-attr]
 
     # --- outgoing -----------------------------------------------------------
 
     def _write(self, frame: Frame) -> None:
         """Write a control frame (sent with the next message, or next turn)."""
-        payload = codec.encode_payload(frame)
-        self._writer.lazy(self.transport, (_LENGTH.pack(len(payload)), payload))
+        data = codec.encode(frame)
+        self._writer.lazy(self.transport, (data,))
         self._last_sent = self.clock.seconds()
-
-    def send_message(self, message: Message, token: Any) -> None:
-        """
-        Send a message; requires credit.
-
-        @param message: with any C{seq}; the link numbers it.
-        @param token: what L{SessionHandler.messages_acknowledged} or
-            L{SessionHandler.message_refused} hands back for it.
-        @raise MessageTooLarge: when the frame would exceed what the peer
-            accepts (nothing is sent, no credit is used).
-        @raise RuntimeError: without credit or session (a bug in the caller).
-        """
-        if self.send_credit <= 0 or not self.established:
-            raise RuntimeError("send_message without credit or session")
-        seq = self._next_seq
-        payload = codec.encode_message(seq, message)
-        if len(payload) > self.peer_max_frame:
-            raise MessageTooLarge(f"{len(payload)} bytes, the peer accepts {self.peer_max_frame}")
-        self._next_seq += 1
-        self.send_credit -= 1
-        self._unacked[seq] = token
-        if self._pending_acks or self._pending_credit:
-            # Settlements waiting for a ride: one write, one wakeup of the peer.
-            parts = self._settlements()
-            parts += (_LENGTH.pack(len(payload)), payload)
-            self._writer.urgent(self.transport, parts)
-        else:
-            self._writer.urgent(self.transport, (_LENGTH.pack(len(payload)), payload))
-        self._last_sent = now = self.clock.seconds()
-        times = self._send_times
-        if not times or now - times[-1][1] >= 1.0:
-            times.append((seq, now))
+        self._wrote(len(data))
 
     @property
     def unacknowledged(self) -> int:
-        """Messages we sent that the peer has not acknowledged yet."""
-        return len(self._unacked)
+        """Messages we sent that the peer has not settled yet."""
+        return len(self.sending)
+
+    def can_send(self, message: Message) -> bool:
+        """Whether the peer's credit lets C{message} go now."""
+        return self.state is LinkState.OPEN and self.sending.can_send(len(message.body))
+
+    def send_message(self, message: Message, token: Any) -> None:
+        """
+        Send a message; requires credit (L{can_send}).
+
+        @param token: what L{SessionHandler.messages_acknowledged} or
+            L{SessionHandler.message_refused} hands back for it.
+        @raise MessageTooLarge: when its body is larger than the peer
+            accepts, or its head larger than a MSG allows (nothing is sent,
+            no credit is used).
+        @raise RuntimeError: without credit or session (a bug in the caller).
+        """
+        body_length = len(message.body)
+        if body_length > self.peer_max_body:
+            raise MessageTooLarge(f"{body_length} bytes, the peer accepts {self.peer_max_body}")
+        if not self.can_send(message):
+            raise RuntimeError("send_message without credit or session")
+        now = self.clock.seconds()
+        try:
+            head, body = codec.encode_message(self.sending.next_seq, message)
+        except ValueError as e:
+            raise MessageTooLarge(str(e)) from None
+        self.sending.sent(body_length, token, now)
+        if self._pending_acks or self._pending_credit != (0, 0):
+            # Settlements waiting for a ride: one write, one wakeup of the peer.
+            parts = self._settlements() + [head, body]
+        else:
+            parts = [head, body]
+        self._writer.urgent(self.transport, parts)
+        self._last_sent = now
+        self._wrote(len(head) + body_length)
 
     def acknowledge(self, seq: int) -> None:
         """
@@ -371,88 +499,61 @@ class LinkProtocol(TwistedProtocol):
         turn once L{ACK_EAGER} are pending, and at the latest after
         L{SETTLE_DELAY}.
         """
-        if self.close_reason is not None:
+        if self.state is not LinkState.OPEN:
             return
         pending = self._pending_acks
         pending.append(seq)
         if len(pending) >= ACK_BATCH:
             self._flush()
         else:
-            self._schedule_flush(0 if len(pending) >= ACK_EAGER else SETTLE_DELAY)
+            self._timers.start_or_advance("flush", 0 if len(pending) >= ACK_EAGER else SETTLE_DELAY, self._flush)
 
     def refuse(self, seq: int, reason: str) -> None:
         """Refuse the peer's message C{seq} for good."""
-        if self.close_reason is None:
+        if self.state is LinkState.OPEN:
             self._write(Reject(seq, reason))
 
-    def grant(self, increment: int) -> None:
+    def grant(self, messages: int, body_bytes: int) -> None:
         """
-        Allow the peer C{increment} more messages (batched like ACKs, but
-        sent at the end of the turn once the peer holds less credit than is
-        waiting to be granted).
+        Let the peer send C{messages} more messages with C{body_bytes} more
+        body bytes (batched like ACKs, but sent at the end of the turn once
+        the peer holds less credit than is waiting to be granted).
         """
-        if self.close_reason is not None or increment <= 0:
+        if self.state is not LinkState.OPEN or (messages <= 0 and body_bytes <= 0):
             return
-        self.receive_credit += increment
-        self._pending_credit += increment
-        peer_has = self.receive_credit - self._pending_credit
-        self._schedule_flush(0 if peer_has < self._pending_credit else SETTLE_DELAY)
-
-    def _schedule_flush(self, delay: float) -> None:
-        call = self._flush_call
-        if call is not None and call.active():
-            if call.getTime() - self.clock.seconds() > delay:
-                call.reset(delay)
-            return
-        self._flush_call = self.clock.callLater(delay, self._flush)
+        self.receiving.grant(messages, body_bytes)
+        owed_messages, owed_bytes = self._pending_credit
+        owed_messages += messages
+        owed_bytes += body_bytes
+        self._pending_credit = (owed_messages, owed_bytes)
+        peer_has = self.receiving.messages - owed_messages
+        self._timers.start_or_advance("flush", 0 if peer_has < owed_messages else SETTLE_DELAY, self._flush)
 
     def _settlements(self) -> list[bytes]:
-        """
-        @return: the pending ACK and CREDIT frames, encoded with their
-            lengths; they are no longer pending.
-        """
+        """@return: the pending ACK and CREDIT frames, encoded; they are no longer pending."""
         parts: list[bytes] = []
         while self._pending_acks:
             batch, self._pending_acks = self._pending_acks[:ACK_BATCH], self._pending_acks[ACK_BATCH:]
-            payload = codec.encode_payload(Ack(tuple(batch)))
-            parts += (_LENGTH.pack(len(payload)), payload)
-        if self._pending_credit:
-            increment, self._pending_credit = self._pending_credit, 0
-            payload = codec.encode_payload(Credit(increment))
-            parts += (_LENGTH.pack(len(payload)), payload)
+            parts.append(codec.encode(Ack(tuple(batch))))
+        if self._pending_credit != (0, 0):
+            messages, body_bytes = self._pending_credit
+            self._pending_credit = (0, 0)
+            parts.append(codec.encode(Credit(messages, body_bytes)))
         return parts
 
     def _flush(self) -> None:
-        if self._flush_call is not None and self._flush_call.active():
-            self._flush_call.cancel()
-        self._flush_call = None
-        if self.transport is None or self.close_reason is not None and not self._pending_acks:
+        self._timers.cancel("flush")
+        if self.transport is None or self.state is LinkState.CLOSED:
             return
         parts = self._settlements()
         if parts:
             self._writer.lazy(self.transport, parts)
             self._last_sent = self.clock.seconds()
-
-    def _oldest_unacknowledged(self) -> tuple[int, float] | None:
-        """
-        @return: the oldest unacknowledged message and (to within a second,
-            never less) how long ago it was sent, or L{None}.
-        """
-        # Dicts keep insertion order, and sequence numbers are inserted in
-        # increasing order: the first key is the oldest outstanding one.
-        oldest = next(iter(self._unacked), None)
-        times = self._send_times
-        if oldest is None:
-            return None
-        while len(times) > 1 and times[1][0] <= oldest:
-            times.popleft()
-        if not times or times[0][0] > oldest:
-            return None
-        return oldest, self.clock.seconds() - times[0][1]
+            self._wrote(sum(len(part) for part in parts))
 
     def _check_heartbeat(self) -> None:
         now = self.clock.seconds()
-        stuck = self._oldest_unacknowledged()
+        stuck = self.sending.oldest_unsettled(now)
         if now - self._last_received > 3 * self.heartbeat:
             self.close("heartbeat-timeout", f"nothing received for {now - self._last_received:.1f}s")
         elif stuck is not None and stuck[1] > ACK_TIMEOUT:
@@ -488,33 +589,36 @@ class ControlLinkProtocol(LinkProtocol):
         self,
         clock: IReactorTime,
         heartbeat: float,
-        max_frame: int,
+        max_body: int,
         link_name: str,
         routes: Callable[[], dict[str, Any]],
         attach: Callable[[ControlLinkProtocol], SessionHandler | str],
+        connected: Callable[[ControlLinkProtocol], None] = lambda protocol: None,
     ) -> None:
-        super().__init__(clock, heartbeat, min(max_frame, HANDSHAKE_MAX_FRAME))
+        """
+        @param routes: the link's routes as WELCOME carries them, asked at
+            HELLO (so that a reload between connecting and HELLO counts).
+        @param attach: gives the session its handler, or says why there is
+            none (the connection is then closed with C{busy}).
+        @param connected: told of the connection and its peer credentials,
+            for the (rate-limited) connection log.
+        """
+        super().__init__(clock, heartbeat, max_body)
         self.link_name = link_name
         self._routes = routes
         self._attach = attach
-        self._session_max_frame = max_frame
+        self._connected = connected
         self.peer: tuple[int, int, int] | None = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
         self.peer = peer_credentials(self.transport)
-        pid, uid, gid = self.peer or (-1, -1, -1)
-        self._log.info(
-            "Link {link}: tenant half connected (pid {pid}, uid {uid}, gid {gid})", link=self.link_name, pid=pid, uid=uid, gid=gid
-        )
+        self._connected(self)
 
-    def frame_received(self, frame: Frame) -> None:
-        if self.session is None and isinstance(frame, Hello):
-            self._hello(frame)
-        elif isinstance(frame, (Hello, Welcome)):
-            raise ProtocolViolation("unexpected-frame", f"{type(frame).__name__} on an established link")
-        else:
-            super().frame_received(frame)
+    def _handshake_handler(self, frame: Frame) -> Callable[[Any], None]:
+        if self.state is LinkState.HANDSHAKE and type(frame) is Hello:
+            return self._hello
+        return super()._handshake_handler(frame)
 
     def _hello(self, hello: Hello) -> None:
         if codec.PROTOCOL_VERSION not in hello.versions:
@@ -527,26 +631,24 @@ class ControlLinkProtocol(LinkProtocol):
         if isinstance(handler, str):
             self.close("busy", handler)
             return
-        self.handler = handler
-        self.session = uuid.uuid4().hex
-        self.decoder.max_frame = self._session_max_frame
+        session_id = uuid.uuid4().hex
         self._write(
             Welcome(
                 version=codec.PROTOCOL_VERSION,
-                link=self.link_name,
-                session=self.session,
+                link=self.link_name or "",
+                session=session_id,
                 heartbeat=self.heartbeat,
-                max_frame=self._session_max_frame,
-                routes=self._routes(),  # as they are now, not when the connection came
+                max_body=self._session_max_body,
+                routes=self._routes(),
             )
         )
         self._log.info(
             "Link {link}: session {session} up with {software}",
             link=self.link_name,
-            session=self.session,
+            session=session_id,
             software=hello.software[:LOGGED_TEXT],
         )
-        self._session_started()
+        self._open(handler, session_id)
 
 
 class TenantLinkProtocol(LinkProtocol):
@@ -556,12 +658,7 @@ class TenantLinkProtocol(LinkProtocol):
     @ivar welcome: the WELCOME frame, once received.
     """
 
-    def __init__(
-        self,
-        clock: IReactorTime,
-        expected_link: str | None,
-        handler_for: Callable[[Welcome], SessionHandler],
-    ) -> None:
+    def __init__(self, clock: IReactorTime, expected_link: str | None, handler_for: Callable[[Welcome], SessionHandler]) -> None:
         # The control half decides the heartbeat; until WELCOME only the
         # handshake timeout applies.
         super().__init__(clock, heartbeat=HANDSHAKE_TIMEOUT)
@@ -571,21 +668,12 @@ class TenantLinkProtocol(LinkProtocol):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        self._write(
-            Hello(
-                versions=(codec.PROTOCOL_VERSION,),
-                link=self._expected_link,
-                software=f"msgmux/{__version__} pid {os.getpid()}",
-            )
-        )
+        self._write(Hello(versions=(codec.PROTOCOL_VERSION,), link=self._expected_link, software=f"msgmux/{__version__} pid {os.getpid()}"))
 
-    def frame_received(self, frame: Frame) -> None:
-        if self.session is None and isinstance(frame, Welcome):
-            self._welcome(frame)
-        elif isinstance(frame, (Hello, Welcome)):
-            raise ProtocolViolation("unexpected-frame", f"{type(frame).__name__} on an established link")
-        else:
-            super().frame_received(frame)
+    def _handshake_handler(self, frame: Frame) -> Callable[[Any], None]:
+        if self.state is LinkState.HANDSHAKE and type(frame) is Welcome:
+            return self._welcome
+        return super()._handshake_handler(frame)
 
     def _welcome(self, welcome: Welcome) -> None:
         if welcome.version != codec.PROTOCOL_VERSION:
@@ -594,12 +682,11 @@ class TenantLinkProtocol(LinkProtocol):
         self.welcome = welcome
         self.link_name = welcome.link
         self.heartbeat = welcome.heartbeat
-        self.peer_max_frame = welcome.max_frame
+        self.peer_max_body = welcome.max_body
         try:
-            self.handler = self._handler_for(welcome)
+            handler = self._handler_for(welcome)
         except ValueError as e:
             self.close("bad-welcome", str(e))
             return
-        self.session = welcome.session
         self._log.info("Link {link}: session {session} up", link=welcome.link, session=welcome.session)
-        self._session_started()
+        self._open(handler, welcome.session)

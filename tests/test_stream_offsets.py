@@ -1,10 +1,10 @@
-"""Tests for L{msgmux.streams.StreamPosition}: resume at the first offset whose relay was not settled."""
+"""Tests for L{msgmux.stream_offsets.StreamPosition}: resume at the first offset whose relay was not settled."""
 
 from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from msgmux.streams import StreamPosition
+from msgmux.stream_offsets import StreamPosition
 
 
 class StreamPositionTests(SynchronousTestCase):

@@ -9,7 +9,7 @@ restarting, the socket cut) while the broker restarts and forgets it.  oslo's
 server then retries its reply for 60 seconds and afterwards drops every
 reply to that queue for another minute (C{ObsoleteReplyQueuesCache}), so one
 broker restart at the wrong moment would cost a link all its replies for a
-while.  L{ReplyQueueKeeper} declares the reply queues of its half's links
+while.  L{ReplyQueueDeclarer} declares the reply queues of its half's links
 each time the broker connection comes up, independently of the sessions.
 """
 
@@ -22,15 +22,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from msgmux.amqp.broker import BrokerService
+from msgmux.amqp.declared import declare_queue
 from msgmux.amqp.protocol import BrokerProtocol
 from msgmux.oslo.topology import OsloTopology
-from msgmux.relay import declare_queue
 from msgmux.routing import reply_queue_name
 
-__all__ = ["ReplyQueueKeeper"]
+__all__ = ["ReplyQueueDeclarer"]
 
 
-class ReplyQueueKeeper:
+class ReplyQueueDeclarer:
     """
     A broker observer that declares the reply queues of some links on every
     new connection.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_streams -*-
+# -*- test-case-name: tests.test_stream_offsets -*-
 """
 Where to resume reading a stream queue.
 
@@ -18,8 +18,9 @@ Pure code.
 from __future__ import annotations
 
 import collections
+from typing import Any
 
-__all__ = ["OFFSET_HEADER", "StreamPosition"]
+__all__ = ["OFFSET_HEADER", "StreamPosition", "StreamReader"]
 
 #: The header RabbitMQ puts on every message delivered from a stream.
 OFFSET_HEADER = "x-stream-offset"
@@ -61,3 +62,42 @@ class StreamPosition:
         if isinstance(offset, int):
             self._next = offset
         return offset
+
+
+class StreamReader:
+    """
+    The stream consumers of one channel: where each resumes, which offset
+    each delivery has, and settlement back to the positions.
+
+    A new reader goes with each new channel; the L{StreamPosition}s outlive
+    them.
+    """
+
+    def __init__(self, positions: dict[str, StreamPosition]) -> None:
+        """
+        @param positions: by queue name, kept by the half across sessions.
+        """
+        self._positions = positions
+        # Delivery tag -> (position, offset), for this channel's deliveries.
+        self._tags: dict[int, tuple[StreamPosition, int]] = {}
+
+    def resume(self, queue: str) -> int | str:
+        """@return: the C{x-stream-offset} to consume C{queue} from."""
+        return self._positions.setdefault(queue, StreamPosition()).resume()
+
+    def delivered(self, queue: str, delivery_tag: int, headers: dict[str, Any] | None) -> None:
+        """
+        Note a delivery's offset, and take RabbitMQ's offset header off it:
+        it means nothing on the other broker.
+        """
+        offset = headers.pop(OFFSET_HEADER, None) if headers else None
+        if type(offset) is int:
+            position = self._positions.setdefault(queue, StreamPosition())
+            position.delivered(offset)
+            self._tags[delivery_tag] = (position, offset)
+
+    def settled(self, delivery_tag: int) -> None:
+        """The delivery was acknowledged or rejected on its channel."""
+        entry = self._tags.pop(delivery_tag, None)
+        if entry is not None:
+            entry[0].settled(entry[1])

@@ -1,0 +1,239 @@
+# -*- test-case-name: tests.test_declared -*-
+"""
+A channel that keeps itself declared: open, set up, rebuilt after loss.
+
+A relay needs one AMQP channel, with publisher confirms, its exchanges and
+queues declared and its consumers started, for as long as its session
+lasts, across broker reconnections and channel errors.  L{DeclaredChannel}
+does that: it watches the broker connection, builds the channel from a
+L{ChannelPlan} whenever there is a connection and no channel, and tries
+again after L{REBUILD_DELAY} when building fails or the channel is lost.
+Its user hears only that a channel is ready and that it was lost.
+
+A build that keeps failing for the same reason (typically a declaration
+that differs from what the broker already has, which only the operator can
+fix) is logged once, and again when the reason changes or the channel
+finally comes up, instead of once a second.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from msgmux.amqp.broker import BrokerService
+from msgmux.amqp.channel import Channel, Delivery
+from msgmux.amqp.protocol import BrokerProtocol
+from msgmux.oslo.topology import ExchangeSpec, QueueSpec
+
+__all__ = ["ChannelPlan", "ChannelUser", "Consumer", "DeclaredChannel", "REBUILD_DELAY", "declare_queue"]
+
+#: Seconds between attempts to build a channel that failed or was lost.
+REBUILD_DELAY = 1.0
+
+
+@attrs.frozen
+class Consumer:
+    """
+    One consumer to start on a built channel.
+
+    @ivar arguments: C{basic.consume} arguments (e.g. a stream offset).
+    """
+
+    queue: str
+    tag: str
+    deliver: Callable[[Delivery], None]
+    arguments: dict[str, object] = attrs.field(factory=dict)
+
+
+class ChannelPlan(Protocol):
+    """What to set up on each new channel."""
+
+    def declarations(self) -> tuple[list[ExchangeSpec], list[QueueSpec]]:
+        """The exchanges and queues to declare, in order."""
+
+    def consumers(self, channel: Channel) -> list[Consumer]:
+        """
+        The consumers to start, asked on every build (a stream consumer
+        resumes where the previous channel left off).
+        """
+
+
+class ChannelUser(Protocol):
+    """Who uses the channel."""
+
+    def channel_ready(self, channel: Channel) -> None:
+        """A channel is declared and consuming."""
+
+    def channel_lost(self, channel: Channel, reason: Failure) -> None:
+        """The ready channel is gone; the broker requeued its unacknowledged deliveries."""
+
+
+async def declare_queue(channel: Channel, queue: QueueSpec) -> None:
+    """Declare a queue and its bindings."""
+    await channel.declare_queue(queue.name, queue.durable, queue.auto_delete, arguments=dict(queue.arguments))
+    for exchange, routing_key in queue.bindings:
+        await channel.bind_queue(queue.name, exchange, routing_key)
+
+
+class DeclaredChannel:
+    """
+    One channel on one broker, with confirms, prefetch, declarations and
+    consumers, kept up while started.
+
+    @ivar channel: the ready channel, or L{None}.
+    @ivar label: who this channel is for, in log lines (C{"Link tenant-a"}).
+    """
+
+    _log = Logger()
+
+    def __init__(self, broker: BrokerService, clock: IReactorTime, label: str, plan: ChannelPlan, user: ChannelUser) -> None:
+        self.broker = broker
+        self.clock = clock
+        self.label = label
+        self.plan = plan
+        self.user = user
+        self.channel: Channel | None = None
+        # The channel the user was told is ready (a channel can be lost
+        # while its consumers are being started, before that).
+        self._announced: Channel | None = None
+        self._wanted = False
+        self._building = False
+        self._rebuild: IDelayedCall | None = None
+        self._failing: str | None = None
+
+    # --- lifecycle --------------------------------------------------------
+
+    def start(self) -> None:
+        """Build a channel now if the broker is connected, and whenever it connects."""
+        self._wanted = True
+        self.broker.add_observer(self)  # calls broker_connected if connected
+
+    def stop(self) -> None:
+        """
+        Close the channel (the broker requeues what was not acknowledged)
+        and stop rebuilding.  The user hears no C{channel_lost}.
+        """
+        self._wanted = False
+        self.broker.remove_observer(self)
+        if self._rebuild is not None and self._rebuild.active():
+            self._rebuild.cancel()
+        self._rebuild = None
+        channel, self.channel, self._announced = self.channel, None, None
+        if channel is not None and channel.is_open:
+            defer.Deferred.fromCoroutine(channel.close()).addErrback(lambda failure: None)
+
+    async def cancel_consumers(self) -> None:
+        """Stop consuming; deliveries already received stay valid."""
+        channel = self.channel
+        if channel is None or not channel.is_open:
+            return
+        for tag in channel.consumer_tags():
+            try:
+                await channel.cancel(tag)
+            except Exception:
+                return  # the channel went: nothing more will be delivered on it
+
+    # --- broker observer ---------------------------------------------------
+
+    def broker_connected(self, protocol: BrokerProtocol) -> None:
+        self._maybe_build()
+
+    def broker_lost(self, reason: Failure) -> None:
+        """The channel's own loss notification does the work."""
+
+    # --- building -----------------------------------------------------------
+
+    def _maybe_build(self) -> None:
+        protocol = self.broker.protocol
+        if self._wanted and self.channel is None and not self._building and protocol is not None:
+            self._building = True
+            defer.Deferred.fromCoroutine(self._build(protocol)).addBoth(self._built)
+
+    def _built(self, result: object) -> None:
+        self._building = False
+        if isinstance(result, Failure):
+            reason = result.getErrorMessage()
+            if reason != self._failing:
+                self._failing = reason
+                self._log.error(
+                    "{label}: could not set up the {broker} broker channel: {error}; retrying every {delay}s",
+                    label=self.label,
+                    broker=self.broker.name,
+                    error=reason,
+                    delay=REBUILD_DELAY,
+                )
+            self._schedule_rebuild()
+
+    def _schedule_rebuild(self) -> None:
+        if self._wanted and (self._rebuild is None or not self._rebuild.active()):
+            self._rebuild = self.clock.callLater(REBUILD_DELAY, self._maybe_build)
+
+    async def _build(self, protocol: BrokerProtocol) -> None:
+        channel = await protocol.open_channel()
+        try:
+            await channel.select_confirms()
+            await channel.qos(self.broker.config.prefetch)
+            exchanges, queues = self.plan.declarations()
+            declared: set[str] = set()
+            for exchange in exchanges:
+                if exchange.name not in declared:
+                    declared.add(exchange.name)
+                    await channel.declare_exchange(exchange.name, exchange.kind, exchange.durable, exchange.auto_delete)
+            for queue in queues:
+                await declare_queue(channel, queue)
+            if not self._wanted:
+                await channel.close()
+                return
+            channel.lost_observers.append(lambda reason: self._lost(channel, reason))
+            channel.cancel_observers.append(lambda tag: self._consumer_cancelled(channel, tag))
+            self.channel = channel
+            consumers = self.plan.consumers(channel)
+            for consumer in consumers:
+                await channel.consume(consumer.queue, consumer.tag, consumer.deliver, consumer.arguments)
+        except BaseException:
+            if channel.is_open:
+                await channel.close()
+            raise
+        recovered = self._failing is not None
+        self._failing = None
+        self._log.info(
+            "{label}: {broker} broker channel ready ({count} queues consumed){recovered}",
+            label=self.label,
+            broker=self.broker.name,
+            count=len(consumers),
+            recovered=" after failures" if recovered else "",
+        )
+        self._announced = channel
+        self.user.channel_ready(channel)
+
+    def _consumer_cancelled(self, channel: Channel, tag: str) -> None:
+        """
+        The broker cancelled a consumer (its queue was deleted, or a quorum
+        queue's leader moved): start over on a new channel.
+        """
+        self._log.warn("{label}: the broker cancelled consumer {tag}; rebuilding", label=self.label, tag=tag)
+        if channel.is_open:
+            defer.Deferred.fromCoroutine(channel.close()).addErrback(lambda failure: None)
+
+    def _lost(self, channel: Channel, reason: Failure) -> None:
+        if self.channel is not channel:
+            return
+        self.channel = None
+        if self._announced is not channel:
+            return  # lost while its consumers started: the build fails and reports it
+        self._announced = None
+        if self._wanted:
+            self._log.warn(
+                "{label}: {broker} broker channel closed ({reason})",
+                label=self.label,
+                broker=self.broker.name,
+                reason=reason.getErrorMessage(),
+            )
+            self._schedule_rebuild()
+        self.user.channel_lost(channel, reason)
