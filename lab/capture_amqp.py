@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_scripted_capture -*-
 """
 C{python -m lab.capture_amqp}: record what a real RabbitMQ says to msgmux.
 
@@ -38,6 +39,8 @@ from typing import Any
 
 from twisted.internet import defer, endpoints, protocol, task, threads
 from twisted.internet.interfaces import IReactorTCP
+from twisted.internet.protocol import connectionDone
+from twisted.python.failure import Failure
 
 from lab.rabbit import SystemBroker
 from msgmux.amqp.channel import Channel, Delivery, PublishRefused, PublishReturned
@@ -86,7 +89,7 @@ class _Half(protocol.Protocol):
         else:
             self.peer.transport.write(data)
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.peer is not None and self.peer.transport is not None:
             self.peer.transport.loseConnection()
 
@@ -142,9 +145,9 @@ async def _main_session(reactor: Any, port: int, vhost: str) -> None:
     await channel.consume(QUEUE, "capture.ctag", deliveries.put)
 
     properties = {"content_type": "application/json", "delivery_mode": 2, "headers": {"x-capture": "yes", "n": 1}}
-    confirmed, delivery = await defer.gatherResults(
-        [channel.publish(EXCHANGE, "capture.key", properties, b'{"routed": 1}'), deliveries.get()]
-    )
+    confirmed = channel.publish(EXCHANGE, "capture.key", properties, b'{"routed": 1}')
+    delivery = await deliveries.get()
+    await confirmed
     delivery.ack()
 
     # Nothing is bound to this key: RabbitMQ returns the message, then confirms it.
@@ -157,9 +160,9 @@ async def _main_session(reactor: Any, port: int, vhost: str) -> None:
     else:
         raise RuntimeError("the unroutable mandatory publish was not returned")
 
-    confirmed, delivery = await defer.gatherResults(
-        [channel.publish(EXCHANGE, "capture.key", {}, b"to be rejected"), deliveries.get()]
-    )
+    confirmed = channel.publish(EXCHANGE, "capture.key", {}, b"to be rejected")
+    delivery = await deliveries.get()
+    await confirmed
     delivery.reject(requeue=False)
 
     # A queue that takes nothing: the broker nacks what is routed to it.

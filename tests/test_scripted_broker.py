@@ -1,40 +1,36 @@
 # -*- test-case-name: tests.test_scripted_broker -*-
 """
-msgmux's AMQP client against L{tests.doubles.amqp.ScriptedBroker}, a peer
-that replays frames captured from a real RabbitMQ, over iosim: login,
-topology, deliveries and acknowledgements, publisher confirms, returns,
-channel errors, consumer cancellation, heartbeats, and L{BrokerService}
-connecting, failing over and reconnecting.  Also: the fixture is what a
-real RabbitMQ sent, and the double refuses what RabbitMQ would refuse.
+msgmux's AMQP client (L{BrokerProtocol} and L{Channel}) against
+L{tests.doubles.amqp.ScriptedBroker}, a peer that replays frames captured
+from a real RabbitMQ, over iosim: login, topology, deliveries and
+acknowledgements, publisher confirms, returns, channel errors, consumer
+cancellation, heartbeats; and the double failing loudly on what RabbitMQ
+would refuse.  L{BrokerService} over the double is in
+L{tests.test_scripted_service}, the fixture's provenance in
+L{tests.test_scripted_capture}.
 """
 
 from __future__ import annotations
 
 from typing import Any, Coroutine, TypeVar
 
-from automat import NoTransition
 from twisted.internet import defer
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock
-from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from msgmux.amqp import wire
-from msgmux.amqp.broker import BrokerService
 from msgmux.amqp.channel import Channel, ChannelLost, Delivery, PublishRefused, PublishReturned
 from msgmux.amqp.protocol import BrokerDelegate, BrokerProtocol
-from msgmux.config import BrokerConfig, parse_transport_url
 from tests.doubles.amqp import (
     ACK,
     RETURN,
     ScriptedBroker,
-    ScriptedBrokerFactory,
     ScriptError,
     Settled,
     UnexpectedFrame,
-    connect_pending,
 )
+from tests.doubles.amqp_frames import FrameSplitter
 
 T = TypeVar("T")
 
@@ -78,7 +74,16 @@ class Connected:
         return channel
 
 
-def outcomes(channel: Channel, count: int, results: list[Any] | None = None, **publish: Any) -> list[Any]:
+def outcomes(
+    channel: Channel,
+    count: int,
+    results: list[Any] | None = None,
+    exchange: str = "openstack",
+    routing_key: str = "topic",
+    properties: dict[str, Any] | None = None,
+    body: bytes = b"x",
+    mandatory: bool = False,
+) -> list[Any]:
     """
     Publish C{count} messages through C{publish_then}.
 
@@ -86,15 +91,13 @@ def outcomes(channel: Channel, count: int, results: list[Any] | None = None, **p
     @return: C{results}.
     """
     results = [] if results is None else results
-    arguments = {"exchange": "openstack", "routing_key": "topic", "properties": {}, "body": b"x", "mandatory": False}
-    arguments.update(publish)
     for _ in range(count):
         channel.publish_then(
-            arguments["exchange"],
-            arguments["routing_key"],
-            arguments["properties"],
-            arguments["body"],
-            arguments["mandatory"],
+            exchange,
+            routing_key,
+            properties or {},
+            body,
+            mandatory,
             lambda argument, error: results.append(error),
             None,
         )
@@ -196,7 +199,8 @@ class TopologyTests(SynchronousTestCase):
         peer.run(channel.close())
         self.assertEqual(peer.broker.methods("channel.close")[0].fields["reply-code"], 200)
         self.assertEqual((peer.broker.channels, peer.broker.consumers), ({}, {}))
-        self.assertTrue(channel.lost_reason.check(ChannelLost))
+        self.assertIsNotNone(channel.lost_reason)
+        self.assertTrue(channel.lost_reason.check(ChannelLost))  # type: ignore[union-attr]
 
 
 class DeliveryTests(SynchronousTestCase):
@@ -442,6 +446,16 @@ class StrictnessTests(SynchronousTestCase):
         peer.client.write_frame(wire.frame(wire.FRAME_BODY, channel.number, b"stray"))
         self.assertRaises(UnexpectedFrame, peer.pump.flush)
 
+    def test_method_inside_content(self) -> None:
+        """A method frame between a publish and the end of its content is refused, as RabbitMQ refuses it."""
+        peer = Connected(self)
+        channel = peer.channel()
+        [publish] = wire.encode_publish(channel.number, "openstack", "topic", {}, b"body", 131072)
+        method, header, body = FrameSplitter(header=False).feed(publish)
+        peer.client.write_frames([method.raw, header.raw, wire.encode_ack(channel.number, 1), body.raw])
+        error = self.assertRaises(UnexpectedFrame, peer.pump.flush)
+        self.assertIn("in the middle of a message's content", str(error))
+
     def test_channel_methods_before_open(self) -> None:
         peer = Connected(self)
         peer.client.write_frame(wire.frame(wire.FRAME_METHOD, 1, b"\x00\x14\x00\x0a\x00"))  # channel.open
@@ -456,121 +470,3 @@ class StrictnessTests(SynchronousTestCase):
         self.assertRaises(ScriptError, peer.broker._send_method, template, 1, consumer_tag="x", priority=3)
         self.assertRaises(ScriptError, peer.broker.confirm, 1)  # nothing published
         self.assertRaises(ScriptError, peer.broker.deliver, "nobody", {}, b"")
-
-
-def flush_rejected(pump: iosim.IOPump) -> None:
-    """
-    Flush a connection that BrokerService rejects, letting through the one
-    error Twisted's ClientService raises when that connection closes (see
-    L{BrokerServiceTests.test_rejected_connection_closes_quietly}); any other
-    error fails the test.
-    """
-    try:
-        pump.flush()
-    except NoTransition as e:
-        if "_clientDisconnected" not in str(e) or "Waiting" not in str(e):
-            raise
-        pump.flush()
-
-
-class RecordingObserver:
-    """A L{BrokerObserver} that keeps what it is told."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[str, Any]] = []
-
-    def broker_connected(self, protocol: BrokerProtocol) -> None:
-        self.events.append(("connected", protocol))
-
-    def broker_lost(self, reason: Failure) -> None:
-        self.events.append(("lost", reason))
-
-
-class BrokerServiceTests(SynchronousTestCase):
-    """
-    L{BrokerService} as msgmux runs it, on a memory reactor whose TCP
-    connections iosim completes to scripted brokers listening there.
-    """
-
-    def service(self, url: str) -> tuple[MemoryReactorClock, BrokerService, RecordingObserver]:
-        reactor = MemoryReactorClock()
-        hosts, vhost = parse_transport_url(url)
-        config = BrokerConfig(hosts=hosts, virtual_host=vhost, exchange="openstack", heartbeat=10)
-        service = BrokerService(config, "control", reactor, retry_policy=lambda attempt: 1.0)
-        observer = RecordingObserver()
-        service.add_observer(observer)
-        return reactor, service, observer
-
-    def test_login_and_reconnect(self) -> None:
-        """The service logs in, tells its observers, hears of the loss, and logs in again."""
-        reactor, service, observer = self.service("rabbit://guest:secret@127.0.0.1:5672/tenant-a")
-        brokers = ScriptedBrokerFactory(clock=reactor)
-        reactor.listenTCP(5672, brokers, interface="127.0.0.1")
-        service.startService()
-        reactor.advance(0)
-        [pump] = connect_pending(reactor)
-        pump.flush()
-        [broker] = brokers.brokers
-        self.assertEqual((broker.vhost, broker.username, broker.password), ("tenant-a", "guest", "secret"))
-        self.assertEqual(broker.heartbeat, 10)
-        self.assertEqual(observer.events, [("connected", service.protocol)])
-        self.assertEqual(service.display, "127.0.0.1:5672")
-
-        broker.drop()
-        pump.flush()
-        self.assertIsNone(service.protocol)
-        self.assertEqual([event for event, _ in observer.events], ["connected", "lost"])
-        reactor.advance(1.0)
-        [pump] = connect_pending(reactor)
-        pump.flush()
-        self.assertEqual(len(brokers.brokers), 2)
-        self.assertEqual([event for event, _ in observer.events], ["connected", "lost", "connected"])
-        self.assertIs(observer.events[-1][1], service.protocol)
-        stopping = service.stopService()
-        pump.flush()
-        self.successResultOf(stopping)
-        self.assertIsNotNone(brokers.brokers[1].lost)
-
-    def test_refused_login_fails_over(self) -> None:
-        """A host that refuses the login (403) counts as a failed attempt: the next host is tried, and used."""
-        reactor, service, observer = self.service("rabbit://guest:secret@127.0.0.1:5672,127.0.0.1:5673/")
-        refusing = ScriptedBrokerFactory(credentials=("guest", "other"))
-        accepting = ScriptedBrokerFactory(credentials=("guest", "secret"))
-        reactor.listenTCP(5672, refusing, interface="127.0.0.1")
-        reactor.listenTCP(5673, accepting, interface="127.0.0.1")
-        service.startService()
-        reactor.advance(0)
-        [pump] = connect_pending(reactor)
-        flush_rejected(pump)
-        self.assertEqual(observer.events, [])
-        self.assertIsNotNone(refusing.brokers[0].lost)
-        reactor.advance(1.0)
-        [pump] = connect_pending(reactor)
-        pump.flush()
-        self.assertEqual([event for event, _ in observer.events], ["connected"])
-        self.assertEqual(accepting.brokers[0].vhost, "/")
-        self.assertEqual(service.display, "127.0.0.1:5673")
-        stopping = service.stopService()
-        pump.flush()
-        self.successResultOf(stopping)
-
-    def test_rejected_connection_closes_quietly(self) -> None:
-        """
-        Closing a connection whose login failed raises nothing.
-
-        Against the real RabbitMQ too, a refused login logs a critical
-        NoTransition traceback per attempt: BrokerService closes the
-        connection it rejects (as it must, or a silent host would keep its
-        socket), and Twisted's ClientService, by then waiting to retry, has
-        no transition for a disconnect in that state.
-        """
-        reactor, service, observer = self.service("rabbit://guest:secret@127.0.0.1:5672/")
-        reactor.listenTCP(5672, ScriptedBrokerFactory(credentials=("guest", "other")), interface="127.0.0.1")
-        service.startService()
-        reactor.advance(0)
-        [pump] = connect_pending(reactor)
-        pump.flush()
-
-    test_rejected_connection_closes_quietly.todo = (  # type: ignore[attr-defined]
-        "Twisted's ClientService raises NoTransition for a disconnect while Waiting"
-    )

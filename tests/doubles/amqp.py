@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_scripted_broker -*-
+# -*- test-case-name: tests.test_scripted_broker,tests.test_scripted_service -*-
 """
 A scripted AMQP peer: the server side of msgmux's broker connections,
 played from frames captured from a real RabbitMQ.
@@ -53,6 +53,7 @@ __all__ = [
     "ACK",
     "NACK",
     "RETURN",
+    "ChannelState",
     "Consumer",
     "Published",
     "Received",
@@ -125,7 +126,7 @@ class ScriptedBroker(Protocol):
         self.lost: Failure | None = None
         self._splitter = amqp_frames.FrameSplitter(header=True)
         self._state = "header"
-        self._refusals: dict[str, tuple[int, str]] = {}
+        self._refusals: dict[str, list[tuple[int, str]]] = {}
         self._beating: LoopingCall | None = None
         self._names = itertools.count(1)
 
@@ -196,9 +197,9 @@ class ScriptedBroker(Protocol):
         self._send_content(template, channel, properties, body)
 
     def refuse(self, method: str, code: int, text: str) -> None:
-        """Answer the client's next C{method} (e.g. C{"queue.declare"}) with C{channel.close}."""
+        """Answer the client's next C{method} (e.g. C{"queue.declare"}) with C{channel.close}; calls queue up."""
         amqp_frames.spec_method(method)
-        self._refusals[method] = (code, text)
+        self._refusals.setdefault(method, []).append((code, text))
 
     def close_channel(self, channel: int, code: int, text: str, class_id: int = 0, method_id: int = 0) -> None:
         """
@@ -282,6 +283,9 @@ class ScriptedBroker(Protocol):
         name = amqp_frames.method_name(method)
         self.received.append(Received(frame.channel, name, fields))
         if self._state == "closing":
+            # After connection.close, AMQP discards everything but close and close-ok.
+            if name == "connection.close":
+                self._answer(frame, name, fields)
             if name in ("connection.close", "connection.close-ok"):
                 self.transport.loseConnection()
             return
@@ -290,6 +294,8 @@ class ScriptedBroker(Protocol):
             return
         if self._state != "ready":
             self._unexpected(f"{name} before connection.open", frame)
+        if method.klass.name == "connection":
+            self._unexpected(f"{name} on channel {frame.channel}, not 0", frame)
         state = self.channels.get(frame.channel)
         if name == "channel.open":
             if state is not None:
@@ -307,8 +313,11 @@ class ScriptedBroker(Protocol):
             if name in ("channel.close", "channel.close-ok"):
                 self._forget(frame.channel)
             return
-        if name in self._refusals:
-            code, text = self._refusals.pop(name)
+        if state.receiving_content:
+            # RabbitMQ: 505 UNEXPECTED_FRAME, a connection error.
+            self._unexpected(f"{name} in the middle of a message's content", frame)
+        if self._refusals.get(name):
+            code, text = self._refusals[name].pop(0)
             self.close_channel(frame.channel, code, text, method.klass.id, method.id)
             return
         handler = self._channel_methods.get(name, ScriptedBroker._answer)

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_scripted_broker -*-
+# -*- test-case-name: tests.test_scripted_capture -*-
 """
 The frames recorded from a real RabbitMQ, and replies made from them.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_scripted_broker -*-
+# -*- test-case-name: tests.test_scripted_capture -*-
 """
 AMQP 0-9-1 frames as the scripted broker and the capture tool see them.
 

@@ -153,6 +153,11 @@ class ChannelState:
         self.unconfirmed = [t for t in self.unconfirmed if t > tag or (t < tag and not multiple)]
         return tag
 
+    @property
+    def receiving_content(self) -> bool:
+        """Whether a publish's content header or body frames are due."""
+        return self._content is not None
+
     def publish_started(self, fields: dict[str, Any]) -> None:
         """A basic.publish arrived: its content frames follow."""
         self._content = (fields, -1, {}, [])
