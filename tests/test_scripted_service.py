@@ -3,13 +3,19 @@
 L{BrokerService} as msgmux builds it, on a memory reactor whose TCP
 connections iosim completes to L{ScriptedBroker}s listening there: it logs
 in, tells its observers, reconnects after a loss, and fails over to the next
-host when one refuses the login.  No injection point beyond the C{reactor}
-msgmux already passes: HostnameEndpoint connects through
-C{MemoryReactorClock.connectTCP}, and L{connect_pending} completes it.
+host when one refuses the login; and the whole of msgmux, both halves and
+the link between them, coming up that way.  No injection point beyond the
+C{reactor} msgmux already passes: HostnameEndpoint connects through
+C{MemoryReactorClock.connectTCP} (the link through C{connectUNIX}), and
+L{connect_pending} completes it.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import tempfile
 from typing import Any
 
 from automat import NoTransition
@@ -21,6 +27,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from msgmux.amqp.broker import BrokerService
 from msgmux.amqp.protocol import BrokerProtocol
 from msgmux.config import BrokerConfig, parse_transport_url
+from msgmux.tap import Options, makeService
 from tests.doubles.amqp import ScriptedBrokerFactory, connect_pending
 
 
@@ -140,3 +147,103 @@ class BrokerServiceTests(SynchronousTestCase):
     test_rejected_connection_closes_quietly.todo = (  # type: ignore[attr-defined]
         "Twisted's ClientService raises NoTransition for a disconnect while Waiting"
     )
+
+
+BOTH_HALVES = """
+[control]
+transport_url = "rabbit://guest:guest@127.0.0.1:5672/control"
+[[control.links]]
+name = "tenant-a"
+socket = "{socket}"
+down = [ {{ topic = "l3_agent", fanout = true }} ]
+
+[tenant]
+transport_url = "rabbit://guest:guest@127.0.0.1:5672/tenant"
+socket = "{socket}"
+"""
+
+
+OSLO_PROPERTIES = {
+    "content_type": "application/json",
+    "content_encoding": "utf-8",
+    "headers": {},
+    "delivery_mode": 2,
+    "priority": 0,
+}
+
+
+class WholeServiceTests(SynchronousTestCase):
+    """msgmux with both halves, built by makeService on a memory reactor, against scripted brokers."""
+
+    def start(self) -> None:
+        directory = tempfile.mkdtemp(prefix="msgmux-")  # short: a socket path has at most 107 bytes
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "msgmux.toml")
+        with open(path, "w") as f:
+            f.write(BOTH_HALVES.format(socket=os.path.join(directory, "tenant-a.sock")))
+        options = Options()
+        options.parseOptions(["--config", path])
+        self.reactor = MemoryReactorClock()
+        self.brokers = ScriptedBrokerFactory(clock=self.reactor, auto_confirm=True)
+        self.reactor.listenTCP(5672, self.brokers, interface="127.0.0.1")
+        self.service = makeService(options, self.reactor)
+        self.service.startService()
+        self.reactor.advance(0)
+        self.pumps = connect_pending(self.reactor)
+        self.assertEqual(len(self.pumps), 3)  # two brokers and the link
+        self.flush()
+        self.control, self.tenant = sorted(self.brokers.brokers, key=lambda broker: broker.vhost != "control")
+
+    def flush(self) -> None:
+        """Move bytes on every connection until all are quiet."""
+        while any([pump.flush() for pump in self.pumps]):
+            pass
+
+    def settle(self) -> None:
+        """Flush, let batched acknowledgements go out, flush again."""
+        self.flush()
+        self.reactor.advance(0.01)
+        self.flush()
+
+    def test_both_halves_come_up(self) -> None:
+        """
+        Both halves log in to their brokers, the link between them comes up
+        over iosim, and each half declares and consumes, with nothing a
+        scripted broker refuses; they stop cleanly.
+        """
+        self.start()
+        self.assertEqual(self.reactor.unixClients, [])
+        self.assertEqual((self.control.vhost, self.tenant.vhost), ("control", "tenant"))
+        for broker in (self.control, self.tenant):
+            self.assertEqual(broker.unexpected, [])
+            self.assertTrue(broker.consumers)
+            self.assertTrue(broker.methods("confirm.select"))
+        self.assertIn("l3_agent", {consumer.queue for consumer in self.control.consumers.values()})
+        stopping = self.service.stopService()
+        for _ in range(100):  # the shutdown's own deadlines are shorter than 10 s
+            self.flush()
+            if stopping.called:
+                break
+            self.reactor.advance(0.1)
+        self.successResultOf(stopping)
+        self.assertEqual([broker.lost is not None for broker in self.brokers.brokers], [True, True])
+
+    def test_cast_crosses(self) -> None:
+        """
+        A cast delivered on the control broker is published on the tenant
+        broker, and acknowledged on the control broker once the tenant
+        broker confirmed it.
+        """
+        self.start()
+        self.tenant.auto_confirm = False
+        inner = {"method": "router_updated", "args": {"router": "r1"}, "_unique_id": "u1", "version": "1.0"}
+        body = json.dumps({"oslo.version": "2.0", "oslo.message": json.dumps(inner)}).encode()
+        tag = self.control.deliver("l3_agent", OSLO_PROPERTIES, body, exchange="openstack", routing_key="l3_agent")
+        self.settle()
+        [published] = [p for p in self.tenant.published if p.routing_key == "l3_agent"]
+        self.assertEqual(published.exchange, "openstack")
+        self.assertEqual(json.loads(json.loads(published.body)["oslo.message"])["method"], "router_updated")
+        self.assertEqual(self.control.settled, [])
+        self.tenant.confirm(published.channel, published.tag)
+        self.settle()
+        self.assertEqual([(s.method, s.delivery_tag) for s in self.control.settled], [("ack", tag)])

@@ -25,12 +25,13 @@ from __future__ import annotations
 import itertools
 from typing import Any, Callable
 
+from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.internet.testing import MemoryReactor
 from twisted.python.failure import Failure
-from twisted.test.iosim import ConnectionCompleter, IOPump
+from twisted.test.iosim import IOPump, connect, makeFakeClient, makeFakeServer
 
 from msgmux.amqp import wire
 from tests.doubles import amqp_frames
@@ -503,17 +504,42 @@ class ScriptedBrokerFactory(Factory):
 
 def connect_pending(reactor: MemoryReactor) -> list[IOPump]:
     """
-    Complete every pending TCP connection attempt on C{reactor} to a port
-    listening there (e.g. with a L{ScriptedBrokerFactory}), through iosim.
+    Complete, through iosim, every pending connection attempt on C{reactor}
+    to an address listening there: TCP by port (e.g. a
+    L{ScriptedBrokerFactory} on 5672), Unix sockets by path (e.g. the link
+    between msgmux's halves).
 
-    Code under test connects as usual (msgmux's L{BrokerService} through its
-    C{reactor}); attempts to ports nothing listens on stay pending.
+    Code under test connects as usual, through the C{reactor} it was given
+    (msgmux's L{BrokerService} through C{HostnameEndpoint}); attempts to
+    addresses nothing listens on stay pending (fail them with the factory
+    in C{reactor.tcpClients}).  Unlike L{ConnectionCompleter}, this forgets
+    the right entry of C{reactor.connectors} when TCP and Unix attempts mix.
 
-    @return: a pump per connection, not yet flushed: nothing has been
-        said on them (flush them to move bytes).
+    @return: a pump per connection, not yet flushed: nothing has been said
+        on them (flush them to move bytes).
     """
-    completer = ConnectionCompleter(reactor)
     pumps = []
-    while (pump := completer.succeedOnce(greet=False)) is not None:
-        pumps.append(pump)
+    for client in list(reactor.tcpClients):
+        host, port, factory = client[:3]
+        server = next((s for s in reactor.tcpServers if s[0] == port), None)
+        if server is not None:
+            reactor.tcpClients.remove(client)
+            pumps.append(_join(reactor, factory, server[1], IPv4Address("TCP", host, port)))
+    for client in list(reactor.unixClients):
+        path, factory = client[:2]
+        server = next((s for s in reactor.unixServers if s[0] == path), None)
+        if server is not None:
+            reactor.unixClients.remove(client)
+            pumps.append(_join(reactor, factory, server[1], UNIXAddress(path)))
     return pumps
+
+
+def _join(reactor: MemoryReactor, client_factory: Any, server_factory: Any, address: Any) -> IOPump:
+    """Connect a client factory's protocol to a server factory's, as a connection to C{address}."""
+    for connector in reactor.connectors:
+        if connector.getDestination() == address:
+            reactor.connectors.remove(connector)
+            break
+    client = client_factory.buildProtocol(address)
+    server = server_factory.buildProtocol(address)
+    return connect(server, makeFakeServer(server), client, makeFakeClient(client), greet=False, clock=reactor)
