@@ -407,3 +407,16 @@ class DecodeMethodTests(SynchronousTestCase):
         self.assertEqual(wire.content_body_size(b"\x00\x3c\x00\x00\x00\x00\x00\x01\x00\x00\x00\x05\x00\x00"), 2**32 + 5)
         self.assertRaises(WireError, wire.content_body_size, b"\x00\x32\x00\x00\x00\x00\x00\x00\x00\x00\x00\x05")
         self.assertRaises(WireError, wire.content_body_size, b"\x00\x3c\x00\x00\x00")
+
+
+class ShortStringTests(SynchronousTestCase):
+    def test_round_trip(self) -> None:
+        """The public short string helpers: a length octet, then UTF-8."""
+        self.assertEqual(wire.encode_shortstr("é"), b"\x02\xc3\xa9")
+        self.assertEqual(wire.decode_shortstr(b"xx\x02\xc3\xa9yy", 2), ("é", 5))
+
+    def test_errors(self) -> None:
+        """Past the end, truncated, not UTF-8 or too long: WireError, nothing else."""
+        for data, offset in [(b"", 0), (b"\x01a", 2), (b"\x05ab", 0), (b"\x01\xff", 0)]:
+            self.assertRaises(WireError, wire.decode_shortstr, data, offset)
+        self.assertRaises(WireError, wire.encode_shortstr, "x" * 256)

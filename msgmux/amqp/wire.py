@@ -35,12 +35,14 @@ __all__ = [
     "FRAME_METHOD",
     "WireError",
     "decode_properties",
+    "decode_shortstr",
     "decode_table",
     "encode_ack",
     "encode_nack",
     "encode_properties",
     "encode_publish",
     "encode_reject",
+    "encode_shortstr",
     "encode_table",
 ]
 
@@ -222,6 +224,20 @@ def encode_shortstr(value: str) -> bytes:
     if len(raw) > 255:
         raise WireError(f"short string longer than 255 bytes: {value[:40]!r}...")
     return _U8.pack(len(raw)) + raw
+
+
+def decode_shortstr(data: bytes, offset: int) -> tuple[str, int]:
+    """
+    Decode a short string (length octet, UTF-8).
+
+    @param data: the bytes holding it.
+    @param offset: where its length octet is.
+    @return: the text and the offset just past it.
+    @raise WireError: when it runs past the end or is not UTF-8.
+    """
+    if offset >= len(data):
+        raise WireError("short string runs past the end")
+    return _read_shortstr(data, offset)
 
 
 def _encode_value(value: Any, out: list[bytes], depth: int) -> None:

@@ -11,7 +11,9 @@ real msgmux objects and hands them these, not a fresh fake of its own.
    L{BrokerProtocol} and L{Channel} writing to a C{StringTransport}, for
    deliveries and publishes without a broker;
  - L{tests.doubles.amqp} plays RabbitMQ from frames captured on a real
-   one, for tests that run the AMQP layer end to end without root.
+   one (C{rabbitmq-3.10.8.frames.json}, recorded by
+   C{python -m lab.capture_amqp}), for tests that run the AMQP layer, both
+   halves and the link together under C{iosim} without root.
 
 Behaviour that depends on the broker is tested against the real broker
 (C{tests/integration/}); nothing here pretends to route messages.
