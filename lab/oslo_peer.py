@@ -35,9 +35,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import futurist._thread
-from oslo_config import cfg
-
 import oslo_messaging as om
+from oslo_config import cfg
 from oslo_messaging import transport as om_transport
 from oslo_messaging._drivers import amqp as om_amqp
 from oslo_messaging._drivers import impl_rabbit

@@ -91,8 +91,7 @@ class Relay:
         # Deliveries waiting for link credit; replies have their own line.
         self._waiting: collections.deque[tuple[Message, Delivery]] = collections.deque()
         self._waiting_replies: collections.deque[tuple[Message, Delivery]] = collections.deque()
-        label = f"Link {stats.link_name}"
-        self.declared = DeclaredChannel(broker, clock, label, plan=self, user=self)
+        self.declared = DeclaredChannel(broker, clock, stats.link_name, plan=self, user=self)
         self.publisher = Publisher(clock, stats, policy.direction_in, broker.name, self._published, self._refused)
         self._relayed = {
             (direction, kind): LinkStats.key("relayed", direction=direction, kind=kind)

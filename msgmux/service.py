@@ -24,7 +24,6 @@ from twisted.internet import defer
 from twisted.internet.endpoints import UNIXClientEndpoint, serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from msgmux.amqp.broker import BrokerService
 from msgmux.config import Config, ConfigError, ControlConfig, LinkConfig, TenantConfig, load

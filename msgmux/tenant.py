@@ -21,7 +21,8 @@ from msgmux.amqp.broker import BrokerService
 from msgmux.amqp.channel import Delivery
 from msgmux.config import TenantConfig
 from msgmux.link.codec import Welcome
-from msgmux.link.protocol import LinkProtocol, SessionHandler, TenantLinkProtocol
+from msgmux.link.handshake import TenantLinkProtocol
+from msgmux.link.protocol import LinkProtocol, SessionHandler
 from msgmux.message import CanaryAddress, Message, ReplyAddress
 from msgmux.oslo.topology import ExchangeSpec, OsloTopology, QueueSpec
 from msgmux.pacing import ImmediateCredit

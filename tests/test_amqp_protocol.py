@@ -253,7 +253,7 @@ class ConfirmTests(SynchronousTestCase):
         self.assertEqual(sum(t[2] for t in types[2:]), 2500)
         self.assertTrue(all(t[2] <= 1016 for t in types[2:]))
 
-    def test_return(self) -> None:
+    def test_returned_message_reaches_return_observers(self) -> None:
         """A returned message reaches the channel's return observers with its content."""
         protocol, transport, channel = make_protocol()
         returned: list[Any] = []

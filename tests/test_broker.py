@@ -13,8 +13,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from msgmux.amqp.broker import LOGIN_TIMEOUT, BrokerService, FailoverEndpoint
-from msgmux.amqp.protocol import BrokerDelegate, BrokerProtocol
 from msgmux.config import BrokerConfig, parse_transport_url
+from tests.doubles.amqp import connect_pending
 
 
 class FailoverTests(SynchronousTestCase):
@@ -38,7 +38,7 @@ class FailoverTests(SynchronousTestCase):
             self.failureResultOf(attempt)
         return target
 
-    def test_order(self) -> None:
+    def test_failed_attempts_walk_the_hosts(self) -> None:
         """Failed attempts walk the list, wrapping around; a working host is tried again first."""
         self.assertEqual(self.attempt(False), ("127.0.0.11", 5672))
         self.assertEqual(self.attempt(False), ("127.0.0.12", 5673))
@@ -58,19 +58,22 @@ class LoginTimeoutTests(SynchronousTestCase):
     def test_silent_host_is_a_failed_attempt(self) -> None:
         """A host that accepts the connection but never answers the AMQP header is given up after LOGIN_TIMEOUT."""
         reactor = MemoryReactorClock()
-        hosts, vhost = parse_transport_url("rabbit://u:p@127.0.0.11,127.0.0.12/")
-        service = BrokerService(BrokerConfig(hosts=hosts, virtual_host=vhost, exchange="openstack", heartbeat=0), "control", reactor)
-        protocol = service._factory.buildProtocol(None)
-        transport = StringTransport()
-        protocol.makeConnection(transport)
-        login = service._prepare(protocol)
-        reactor.advance(LOGIN_TIMEOUT - 1)
-        self.assertNoResult(login)
-        self.assertFalse(transport.disconnecting)
-        reactor.advance(2)
-        self.failureResultOf(login)
-        self.assertTrue(transport.disconnecting)
-        self.assertEqual(service.protocol, None)
-        service._endpoint.connect(Factory.forProtocol(Protocol))  # the next attempt
+        hosts, vhost = parse_transport_url("rabbit://u:p@127.0.0.1:5672,127.0.0.1:5673/")
+        config = BrokerConfig(hosts=hosts, virtual_host=vhost, exchange="openstack", heartbeat=0)
+        service = BrokerService(config, "control", reactor, retry_policy=lambda attempt: 1.0)
+        silent = Factory.forProtocol(Protocol)
+        reactor.listenTCP(5672, silent, interface="127.0.0.1")
+        service.startService()
         reactor.advance(0)
-        self.assertEqual(service._endpoint.current.host, "127.0.0.12")
+        [pump] = connect_pending(reactor)
+        pump.flush()
+        reactor.advance(LOGIN_TIMEOUT - 1)
+        pump.flush()
+        self.assertFalse(pump.clientIO.disconnecting)
+        reactor.advance(2)
+        pump.flush()
+        self.assertTrue(pump.clientIO.disconnecting)
+        self.assertIsNone(service.protocol)
+        reactor.advance(1.0)  # the retry goes to the next host
+        self.assertEqual(reactor.tcpClients[-1][:2], ("127.0.0.1", 5673))
+        self.successResultOf(service.stopService())

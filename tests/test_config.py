@@ -12,8 +12,23 @@ import pwd
 import attrs
 from twisted.trial.unittest import SynchronousTestCase
 
-from msgmux.config import BrokerConfig, BrokerHost, Config, ConfigError, ControlConfig, Limits, LinkConfig
-from msgmux.config import NotificationRule, QueueOptions, RpcRule, TenantConfig, load, parse, parse_transport_url
+from msgmux.config import (
+    BrokerConfig,
+    BrokerHost,
+    Config,
+    ConfigError,
+    ControlConfig,
+    Limits,
+    LinkConfig,
+    NotificationRule,
+    QueueOptions,
+    RpcRule,
+    TenantConfig,
+    load,
+    parse,
+    parse_transport_url,
+)
+from tests.doubles import control_config
 
 FULL = """
 [control]
@@ -120,6 +135,16 @@ BAD = [
     ("socket too long", link(socket="/" + "s" * 107), "control.links[0].socket"),
     ("socket_mode not octal", link("socket_mode = '0999'"), "control.links[0].socket_mode"),
     ("socket_mode as integer", link("socket_mode = 0o660"), "control.links[0].socket_mode"),
+    ("socket_mode for others", link("socket_mode = '0666'"), "control.links[0].socket_mode"),
+    ("socket_mode others execute", link("socket_mode = '0661'"), "control.links[0].socket_mode"),
+    (
+        "inflight bytes below message size",
+        link("[control.links.limits]\nmax_message_size = 4096\nmax_inflight_bytes = 2048"),
+        "control.links[0].limits.max_inflight_bytes",
+    ),
+    ("zero byte rate", CONTROL + "[control.limits]\nmax_byte_rate = 0", "control.limits.max_byte_rate"),
+    ("infinite byte rate", CONTROL + "[control.limits]\nmax_byte_rate = inf", "control.limits.max_byte_rate"),
+    ("no json containers", CONTROL + "[control.limits]\nmax_json_containers = 0", "control.limits.max_json_containers"),
     (
         "loop: topic up and down",
         link("down = [ { topic = 't' } ]\nup = [ { topic = 'u', methods = ['*'] }, { topic = 't', methods = ['*'] } ]"),
@@ -183,12 +208,12 @@ BAD = [
 ]
 
 
-class ConfigTestMixin:
+class ConfigTestCase(SynchronousTestCase):
     """Helpers: write a config file and expect an error for it."""
 
     def write(self, content: str | bytes) -> str:
         """Write C{content} to a fresh file and return its path."""
-        path = os.path.abspath(self.mktemp())  # type: ignore[attr-defined]
+        path = os.path.abspath(self.mktemp())
         data = content.encode("utf-8") if isinstance(content, str) else content
         with open(path, "wb") as f:
             f.write(data)
@@ -207,16 +232,16 @@ class ConfigTestMixin:
 
     def file_error(self, path: str) -> ConfigError:
         """Load C{path}, expecting an error about the whole file."""
-        error = self.assertRaises(ConfigError, load, path)  # type: ignore[attr-defined]
-        self.assertEqual(error.key, "")  # type: ignore[attr-defined]
-        self.assertTrue(str(error).startswith(path + ": "), str(error))  # type: ignore[attr-defined]
+        error: ConfigError = self.assertRaises(ConfigError, load, path)
+        self.assertEqual(error.key, "")
+        self.assertTrue(str(error).startswith(path + ": "), str(error))
         return error
 
 
-class ValidConfigTests(ConfigTestMixin, SynchronousTestCase):
+class ValidConfigTests(ConfigTestCase):
     """A valid configuration parses into frozen values."""
 
-    def test_full(self) -> None:
+    def test_every_key_lands_in_its_field(self) -> None:
         """Every key of a config with both halves lands in the expected field."""
         key_path = self.write(b"0123456789abcdef-secret\n")
         path = self.write(FULL.format(key=key_path))
@@ -268,12 +293,13 @@ class ValidConfigTests(ConfigTestMixin, SynchronousTestCase):
             ),
         )
         self.assertEqual(config, expected)
-        self.assertEqual(config.control.broker.hosts[1].password, "s@cret")  # type: ignore[union-attr]
-        self.assertIsInstance(config.control.links[0].limits.max_rate, float)  # type: ignore[union-attr]
+        assert config.control is not None
+        self.assertEqual(config.control.broker.hosts[1].password, "s@cret")
+        self.assertIsInstance(config.control.links[0].limits.max_rate, float)
         self.assertRaises(attrs.exceptions.FrozenInstanceError, setattr, config, "path", "x")
         self.assertRaises(attrs.exceptions.FrozenInstanceError, setattr, config.control, "links", ())
 
-    def test_defaults(self) -> None:
+    def test_minimal_config_gets_defaults(self) -> None:
         """A minimal control config gets oslo's and msgmux's defaults."""
         config = parse(CONTROL)
         self.assertEqual(config.path, "<string>")
@@ -294,8 +320,7 @@ class ValidConfigTests(ConfigTestMixin, SynchronousTestCase):
 
     def test_rule_defaults(self) -> None:
         """A down rule allows every method, no servers, no fanout, the broker's exchange."""
-        config = parse(link("down = [ { topic = 't' } ]"))
-        rule = config.control.links[0].down[0]  # type: ignore[union-attr]
+        rule = control_config(link("down = [ { topic = 't' } ]")).links[0].down[0]
         self.assertEqual(rule, RpcRule("t", (), False, ("*",), None))
         self.assertTrue(rule.allows_method("anything"))
         listed = RpcRule("t", methods=("a", "b"))
@@ -308,13 +333,20 @@ class ValidConfigTests(ConfigTestMixin, SynchronousTestCase):
             "[control.links.limits]\nburst = 7\nmax_message_size = 2048\n"
             "[[control.links]]\nname = 'b'\nsocket = '/run/b.sock'\n"
         )
-        links = parse(text).control.links  # type: ignore[union-attr]
+        links = control_config(text).links
         self.assertEqual(links[0].limits, Limits(2048, 10.0, 7, 200, 30.0))
         self.assertEqual(links[1].limits, Limits(8 * 1024 * 1024, 10.0, 5, 200, 30.0))
 
+    def test_byte_window_follows_the_message_size(self) -> None:
+        """Without max_inflight_bytes, a link's byte window is at least twice its largest message."""
+        limits = control_config(link("[control.links.limits]\nmax_message_size = 33554432")).links[0].limits
+        self.assertEqual(limits.max_inflight_bytes, 2 * 33554432)
+        limits = control_config(link("[control.links.limits]\nmax_message_size = 4096\nmax_inflight_bytes = 4096")).links[0].limits
+        self.assertEqual(limits.max_inflight_bytes, 4096)
+
     def test_different_topics_up_and_down(self) -> None:
         """Different topics, or the same topic on different exchanges, are no loop."""
-        config = parse(
+        config = control_config(
             link(
                 "down = [ { topic = 't' } ]\nup = [ { topic = 'u', methods = ['*'] }, "
                 "{ topic = 't', methods = ['*'], exchange = 'other' } ]\n"
@@ -322,19 +354,20 @@ class ValidConfigTests(ConfigTestMixin, SynchronousTestCase):
                 "notifications_up = [ { topic = 'n', priorities = ['error'] } ]"
             )
         )
-        self.assertEqual(len(config.control.links[0].up), 2)  # type: ignore[union-attr]
+        self.assertEqual(len(config.links[0].up), 2)
 
     def test_socket_boundaries(self) -> None:
         """A 107-byte socket path and a mode without its leading zero are accepted."""
         socket = "/" + "s" * 106
-        link_config = parse(link("socket_mode = '640'", socket=socket)).control.links[0]  # type: ignore[union-attr]
+        link_config = control_config(link("socket_mode = '640'", socket=socket)).links[0]
         self.assertEqual((link_config.socket, link_config.socket_mode), (socket, 0o640))
 
     def test_reply_key_exactly_16(self) -> None:
         """A reply key of exactly 16 bytes (after stripping whitespace) is accepted."""
         key_path = self.write(b"  0123456789abcdef \n")
         config = parse(CONTROL.replace("[[", f"reply_key_file = '{key_path}'\n[[", 1))
-        self.assertEqual(config.control.reply_key, b"0123456789abcdef")  # type: ignore[union-attr]
+        assert config.control is not None
+        self.assertEqual(config.control.reply_key, b"0123456789abcdef")
 
 
 class TransportUrlTests(SynchronousTestCase):
@@ -364,7 +397,7 @@ class TransportUrlTests(SynchronousTestCase):
         for url in ("rabbit://h", "rabbit://h/", "rabbit://h/%2F"):
             self.assertEqual(parse_transport_url(url)[1], "/", url)
 
-    def test_ipv6(self) -> None:
+    def test_bracketed_ipv6_hosts(self) -> None:
         """Bracketed IPv6 literals, with and without a port."""
         hosts, _ = parse_transport_url("rabbit://u:p@[::1]:5673,[fe80::2]/")
         self.assertEqual([(h.host, h.port, h.username) for h in hosts], [("::1", 5673, "u"), ("fe80::2", 5672, "u")])
@@ -374,7 +407,7 @@ class TransportUrlTests(SynchronousTestCase):
         hosts, _ = parse_transport_url("rabbit://u:hunter2@h/")
         self.assertNotIn("hunter2", repr(hosts))
 
-    def test_refused(self) -> None:
+    def test_malformed_urls_refused(self) -> None:
         """Wrong scheme, query options, fragments, bad ports and missing hosts are ValueErrors."""
         cases = {
             "amqp://h/": "rabbit://",
@@ -398,7 +431,7 @@ class TransportUrlTests(SynchronousTestCase):
             self.assertIn(words, str(error), url)
 
 
-class ConfigErrorTests(ConfigTestMixin, SynchronousTestCase):
+class ConfigErrorTests(ConfigTestCase):
     """Every problem names the file and the dotted key."""
 
     def test_bad_configs(self) -> None:

@@ -93,7 +93,7 @@ class UpstreamTests(PolicyTestCase):
         self.assertEqual(set(publication.properties), {"content_type", "content_encoding", "headers", "delivery_mode", "priority"})
         self.assertEqual((publication.destination.exchange, publication.destination.routing_key), ("openstack", "q-reports"))
 
-    def test_refusals(self) -> None:
+    def test_each_refusal_has_its_reason(self) -> None:
         """Each way of stepping outside the policy has its reason."""
         report = oslo_body({"method": "report_state"})
         cases = [
@@ -211,7 +211,7 @@ class UpstreamTests(PolicyTestCase):
         self.assertIsNone(self.policy.inbound(self.up(NotificationAddress(None, "notifications", "info"), note)))
         self.assertEqual(self.stats.get("duplicates_dropped", direction="up"), 2)
 
-    def test_canary(self) -> None:
+    def test_returned_canary_makes_the_link_healthy(self) -> None:
         """A canary the control half signed comes back and makes the link healthy; it is not published."""
         body = self.signer.canary("tenant-a", self.clock.seconds())
         self.clock.advance(0.5)
@@ -293,7 +293,7 @@ class DownstreamTests(PolicyTestCase):
 
 
 class RecentIdsTests(SynchronousTestCase):
-    def test_bounded(self) -> None:
+    def test_only_the_latest_ids_are_remembered(self) -> None:
         """Only the last `size` ids are remembered."""
         recent = RecentIds(3)
         for value in "abcd":

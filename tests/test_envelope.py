@@ -53,7 +53,7 @@ def cast(**extra: Any) -> dict[str, Any]:
 class ParseTests(SynchronousTestCase):
     """Valid oslo bodies and what they say."""
 
-    def test_call(self) -> None:
+    def test_call_has_method_msg_id_and_reply_queue(self) -> None:
         """A call request has a method, msg_id and reply queue, and is a call."""
         envelope = parse(body(call()))
         self.assertIsInstance(envelope, Envelope)
@@ -64,12 +64,12 @@ class ParseTests(SynchronousTestCase):
             ("sync_routers", "6a1c0e2f3b4d4e5f", "reply_0123abcd", True),
         )
 
-    def test_cast(self) -> None:
+    def test_cast_has_no_call_fields(self) -> None:
         """A cast has a method but no msg_id or reply queue."""
         envelope = parse(body(cast()))
         self.assertEqual((envelope.method, envelope.msg_id, envelope.reply_queue, envelope.is_call), ("sync_routers", None, None, False))
 
-    def test_reply(self) -> None:
+    def test_reply_is_no_call(self) -> None:
         """A reply carries a msg_id but no reply queue, so it is no call."""
         envelope = parse(body({"_msg_id": "m", "result": {"ok": 1}, "failure": None, "ending": True}))
         self.assertEqual((envelope.msg_id, envelope.reply_queue, envelope.method, envelope.is_call), ("m", None, None, False))
@@ -86,7 +86,7 @@ class ParseTests(SynchronousTestCase):
         envelope = parse(body(cast(), extra="kept"))
         self.assertEqual(envelope.outer["extra"], "kept")
 
-    def test_frozen(self) -> None:
+    def test_envelopes_are_frozen(self) -> None:
         """Envelopes are frozen value objects."""
         envelope = parse(body(cast()))
         self.assertRaises(AttributeError, setattr, envelope, "inner", {})
@@ -139,7 +139,7 @@ class WithInnerTests(SynchronousTestCase):
         """A key absent before is added."""
         self.assertEqual(parse(parse(body(cast())).with_inner(_msg_id="x")).inner, {**cast(), "_msg_id": "x"})
 
-    def test_nothing(self) -> None:
+    def test_no_changes_give_an_equal_message(self) -> None:
         """No changes re-serialize an equal message."""
         envelope = parse(body(call()))
         self.assertEqual(parse(envelope.with_inner()), envelope)
@@ -193,7 +193,7 @@ class ErrorTests(SynchronousTestCase):
         for data in (b"[]", b'"2.0"', b"null", b"1"):
             self.refuse(data)
 
-    def test_version(self) -> None:
+    def test_other_oslo_versions_refused(self) -> None:
         """Missing or other oslo.version values are refused."""
         for version in ("1.0", "2", 2.0, None, "2.0 "):
             self.refuse(body(cast(), version=version))
@@ -247,11 +247,11 @@ class ErrorTests(SynchronousTestCase):
 class MightBeCallTests(SynchronousTestCase):
     """The cheap pre-check."""
 
-    def test_call(self) -> None:
+    def test_call_request_might_be_a_call(self) -> None:
         """A call request might be a call."""
         self.assertTrue(might_be_call(body(call())))
 
-    def test_cast(self) -> None:
+    def test_casts_replies_and_garbage_are_not_calls(self) -> None:
         """A cast, a reply and garbage certainly are not."""
         self.assertFalse(might_be_call(body(cast())))
         self.assertFalse(might_be_call(body({"_msg_id": "m", "result": 1})))

@@ -18,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from msgmux.link import codec
 from msgmux.link.codec import MessageFrame
+from msgmux.link.handshake import ControlLinkProtocol, TenantLinkProtocol
 from msgmux.link.protocol import (
     ACK_EAGER,
     ACK_TIMEOUT,
@@ -26,10 +27,8 @@ from msgmux.link.protocol import (
     HANDSHAKE_TIMEOUT,
     IDLE_FRAME_BURST,
     SETTLE_DELAY,
-    ControlLinkProtocol,
     LinkState,
     MessageTooLarge,
-    TenantLinkProtocol,
 )
 from msgmux.message import Message, RpcAddress
 from tests.doubles import RecordingHandler
@@ -202,7 +201,7 @@ class FlowTests(SynchronousTestCase):
         self.assertTrue(pair.tenant.can_send(message(b"x" * 10)))
         self.assertFalse(pair.tenant.can_send(message(b"x" * 11)))
 
-    def test_refuse(self) -> None:
+    def test_reject_returns_token_and_reason(self) -> None:
         """REJECT hands the sender its token and the reason."""
         pair = LinkPair()
         pair.control.grant(1, 100)
@@ -349,7 +348,7 @@ class FlowTests(SynchronousTestCase):
 
 
 class ViolationTests(SynchronousTestCase):
-    def test_garbage(self) -> None:
+    def test_garbage_closes_with_bad_frame(self) -> None:
         """Bytes that are not a frame close the link with bad-frame, and observers hear of it."""
         pair = LinkPair()
         pair.tenant.transport.write(struct.pack(">IB", 3, codec.ACK) + b"\xff\xff")
@@ -424,6 +423,35 @@ class ViolationTests(SynchronousTestCase):
                 break
         self.assertEqual(control.close_code, "slow-reader")
         self.assertTrue(transport.disconnected)
+
+    def test_peer_that_stops_reading(self) -> None:
+        """
+        While the peer reads nothing, the credit we owe it waits (so it
+        cannot make us answer more messages); after three heartbeat
+        intervals the session is closed as slow-reader.
+        """
+        clock = Clock()
+        control, transport = established(clock)
+        control.pauseProducing()
+        control.grant(5, 500)
+        clock.advance(1)
+        self.assertNotIn(codec.Credit(5, 500), frames(transport))
+        clock.advance(3 * 5.0 - 1.1)
+        self.assertEqual(control.state, LinkState.OPEN)
+        clock.advance(0.2)
+        self.assertEqual(control.close_code, "slow-reader")
+        self.assertTrue(transport.disconnected)
+
+    def test_owed_credit_goes_once_the_peer_reads(self) -> None:
+        """Credit held back while the peer did not read is sent when it catches up."""
+        clock = Clock()
+        control, transport = established(clock)
+        control.pauseProducing()
+        control.grant(5, 500)
+        clock.advance(1)
+        control.resumeProducing()
+        clock.advance(0)
+        self.assertEqual(frames(transport), [codec.Credit(5, 500)])
 
     def test_reading_peer_is_not_a_slow_reader(self) -> None:
         """Output the peer catches up on does not count."""

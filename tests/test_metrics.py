@@ -22,7 +22,7 @@ socket = "/run/msgmux/tenant-a.sock"
 
 
 class CollectorTests(SynchronousTestCase):
-    def test_series(self) -> None:
+    def test_counters_gauges_and_histograms_exported(self) -> None:
         """Counters keep their labels, calls give the in-flight gauge and the latency histogram, brokers their state."""
         c = clock()
         config = control_config(CONFIG)

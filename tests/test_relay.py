@@ -15,9 +15,9 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from msgmux.amqp import wire
 from msgmux.amqp.channel import Channel, ChannelLost
 from msgmux.amqp.declared import Consumer
-from msgmux.amqp import wire
 from msgmux.config import NotificationRule, QueueOptions, RpcRule
 from msgmux.message import Message, ReplyAddress, RpcAddress
 from msgmux.oslo.topology import OsloTopology

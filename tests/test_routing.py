@@ -242,7 +242,7 @@ class PublishTopologyTests(SynchronousTestCase):
             ],
         )
 
-    def test_nothing(self) -> None:
+    def test_no_routes_declare_nothing(self) -> None:
         """No routes, nothing to declare."""
         self.assertEqual(publish_topology((), (), topology()), ([], []))
 
@@ -272,7 +272,7 @@ class DestinationTests(SynchronousTestCase):
         self.assertEqual(destination(NotificationAddress(None, "n", "info"), topology()), Destination("openstack", "n.info"))
         self.assertEqual(destination(NotificationAddress("nova", "n", "error"), topology()), Destination("nova", "n.error"))
 
-    def test_reply(self) -> None:
+    def test_reply_goes_to_callers_queue_mandatory(self) -> None:
         """A reply goes through the default exchange to the caller's queue, mandatory."""
         self.assertEqual(destination(ReplyAddress("reply_abc"), topology()), Destination("", "reply_abc", mandatory=True))
 

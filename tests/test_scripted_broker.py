@@ -199,8 +199,8 @@ class TopologyTests(SynchronousTestCase):
         peer.run(channel.close())
         self.assertEqual(peer.broker.methods("channel.close")[0].fields["reply-code"], 200)
         self.assertEqual((peer.broker.channels, peer.broker.consumers), ({}, {}))
-        self.assertIsNotNone(channel.lost_reason)
-        self.assertTrue(channel.lost_reason.check(ChannelLost))  # type: ignore[union-attr]
+        assert channel.lost_reason is not None
+        self.assertTrue(channel.lost_reason.check(ChannelLost))
 
 
 class DeliveryTests(SynchronousTestCase):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -36,9 +37,10 @@ RABBITMQ_CAPABILITIES = {
 }
 
 
-def fixture_document() -> dict:  # type: ignore[type-arg]
+def fixture_document() -> dict[str, Any]:
     with open(FIXTURE, encoding="utf-8") as f:
-        return json.load(f)  # type: ignore[no-any-return]
+        document: dict[str, Any] = json.load(f)
+    return document
 
 
 class ProvenanceTests(SynchronousTestCase):

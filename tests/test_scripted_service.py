@@ -18,8 +18,8 @@ import shutil
 import tempfile
 from typing import Any
 
-from automat import NoTransition
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogEvent, LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
@@ -29,21 +29,6 @@ from msgmux.amqp.protocol import BrokerProtocol
 from msgmux.config import BrokerConfig, parse_transport_url
 from msgmux.tap import Options, makeService
 from tests.doubles.amqp import ScriptedBrokerFactory, connect_pending
-
-
-def flush_rejected(pump: iosim.IOPump) -> None:
-    """
-    Flush a connection that BrokerService rejects, letting through the one
-    error Twisted's ClientService raises when that connection closes (see
-    L{BrokerServiceTests.test_rejected_connection_closes_quietly}); any other
-    error fails the test.
-    """
-    try:
-        pump.flush()
-    except NoTransition as e:
-        if "_clientDisconnected" not in str(e) or "Waiting" not in str(e):
-            raise
-        pump.flush()
 
 
 class RecordingObserver:
@@ -114,7 +99,7 @@ class BrokerServiceTests(SynchronousTestCase):
         service.startService()
         reactor.advance(0)
         [pump] = connect_pending(reactor)
-        flush_rejected(pump)
+        pump.flush()
         self.assertEqual(observer.events, [])
         self.assertIsNotNone(refusing.brokers[0].lost)
         reactor.advance(1.0)
@@ -131,22 +116,30 @@ class BrokerServiceTests(SynchronousTestCase):
         """
         Closing a connection whose login failed raises nothing.
 
-        Against the real RabbitMQ too, a refused login logs a critical
-        NoTransition traceback per attempt: BrokerService closes the
-        connection it rejects (as it must, or a silent host would keep its
-        socket), and Twisted's ClientService, by then waiting to retry, has
-        no transition for a disconnect in that state.
+        BrokerService closes the connection it rejects (as it must, or a
+        silent host would keep its socket), and Twisted's ClientService, by
+        then waiting to retry, has no transition for a disconnect in that
+        state: without L{msgmux.amqp.attempt} every refused login logged a
+        critical NoTransition traceback.
         """
+        events: list[LogEvent] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
         reactor, service, observer = self.service("rabbit://guest:secret@127.0.0.1:5672/")
-        reactor.listenTCP(5672, ScriptedBrokerFactory(credentials=("guest", "other")), interface="127.0.0.1")
+        refusing = ScriptedBrokerFactory(credentials=("guest", "other"))
+        reactor.listenTCP(5672, refusing, interface="127.0.0.1")
         service.startService()
-        reactor.advance(0)
-        [pump] = connect_pending(reactor)
-        pump.flush()
-
-    test_rejected_connection_closes_quietly.todo = (  # type: ignore[attr-defined]
-        "Twisted's ClientService raises NoTransition for a disconnect while Waiting"
-    )
+        for attempt in (1, 2):
+            reactor.advance(1.0)
+            [pump] = connect_pending(reactor)
+            pump.flush()
+            self.assertEqual(len(refusing.brokers), attempt)
+            self.assertIsNotNone(refusing.brokers[-1].lost)
+        critical = [e for e in events if e.get("log_level") == LogLevel.critical]
+        self.assertEqual(critical, [])
+        self.assertEqual(observer.events, [])
+        stopping = service.stopService()
+        self.successResultOf(stopping)
 
 
 BOTH_HALVES = """

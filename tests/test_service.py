@@ -47,7 +47,7 @@ class ReloadOrderTests(SynchronousTestCase):
             await gate
             self.applied.append(("end", config))
 
-        self.service.control.reload = slow_reload  # type: ignore[method-assign]
+        self.patch(self.service.control, "reload", slow_reload)
 
     def test_reloads_one_at_a_time(self) -> None:
         """A second SIGHUP during a reload waits for it, then applies the file as it is by then."""

@@ -8,7 +8,7 @@ from msgmux.stream_offsets import StreamPosition
 
 
 class StreamPositionTests(SynchronousTestCase):
-    def test_fresh(self) -> None:
+    def test_first_consumer_starts_at_the_end(self) -> None:
         """Before anything was read, a consumer starts at the stream's end, as oslo's does."""
         self.assertEqual(StreamPosition().resume(), "last")
 

@@ -109,7 +109,8 @@ class OptionsTests(SynchronousTestCase):
         options.parseOptions(["--config", path])
         self.assertIsInstance(options.config, Config)
         self.assertEqual(options.config.path, path)
-        self.assertEqual(options.config.control.links[0].name, "tenant-a")  # type: ignore[union-attr]
+        assert options.config.control is not None
+        self.assertEqual(options.config.control.links[0].name, "tenant-a")
         short = tap.Options()
         short.parseOptions(["-c", path])
         self.assertEqual(short.config, options.config)

@@ -144,7 +144,7 @@ class RefusalTests(SynchronousTestCase):
         for token in ("", "6a1c0e2f3b4d", TOKEN[len(PREFIX) :], "mmx1." + TOKEN[len(PREFIX) :], "MMX2." + TOKEN[len(PREFIX) :], " " + TOKEN):
             self.refuse(token)
 
-    def test_garbage(self) -> None:
+    def test_garbage_after_prefix_refused(self) -> None:
         """Garbage after the prefix is refused."""
         for token in ("mmx2.!!!.???", "mmx2.a.b", "mmx2.a.b.c", "mmx2.====.====", "mmx2.\0.\0", "mmx2.AAAA.AAAAAAAAAAAAAAAAAAAAAA"):
             self.refuse(token)
@@ -204,7 +204,7 @@ class CanaryTests(SynchronousTestCase):
         """A canary verifies for its link and gives back its send time."""
         self.assertEqual(SIGNER.verify_canary("tenant-a", SIGNER.canary("tenant-a", 1700000000.125)), 1700000000.125)
 
-    def test_refused(self) -> None:
+    def test_foreign_or_tampered_canaries_refused(self) -> None:
         """Canaries of another link or key, tampered, oversized or garbage are refused with TokenError."""
         good = SIGNER.canary("tenant-a", 100.5)
         bodies = [

@@ -85,7 +85,7 @@ class GroundTruthTests(SynchronousTestCase):
         differ = {name: (got[name], want[name]) for name in want if got[name] != want[name]}
         self.assertEqual(differ, {})
 
-    def test_defaults(self) -> None:
+    def test_default_options_make_transient_expiring_queues(self) -> None:
         """Default options: transient, non-auto-delete, expiring fanout and reply queues."""
         self.check(QueueOptions(), expected())
 

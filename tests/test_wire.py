@@ -392,7 +392,7 @@ class DecodeMethodTests(SynchronousTestCase):
         """A consumer tag that is not UTF-8 raises WireError."""
         self.assertRaises(WireError, wire.decode_deliver, b"\x00\x3c\x00\x3c\x01\xff")
 
-    def test_return(self) -> None:
+    def test_return_yields_code_text_exchange_and_key(self) -> None:
         """basic.return yields reply code, reply text, exchange and routing key."""
         payload = b"\x00\x3c\x00\x32\x01\x38\x08NO_ROUTE\x00\x0breply_abc.1"
         self.assertEqual(wire.decode_return(payload), (312, "NO_ROUTE", "", "reply_abc.1"))

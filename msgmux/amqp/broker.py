@@ -22,6 +22,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from msgmux.amqp.attempt import AttemptFactory
 from msgmux.amqp.protocol import BrokerDelegate, BrokerProtocol
 from msgmux.config import BrokerConfig, BrokerHost
 
@@ -50,11 +51,17 @@ class FailoverEndpoint:
     @ivar current: the host of the latest attempt.
     """
 
-    def __init__(self, reactor: Any, hosts: tuple[BrokerHost, ...], timeout: float = 10.0) -> None:
+    def __init__(self, reactor: Any, hosts: tuple[BrokerHost, ...], timeout: float = 10.0, own: Any = lambda: None) -> None:
+        """
+        @param own: returns msgmux's protocol of the latest attempt (see
+            L{msgmux.amqp.attempt}).
+        """
         self._reactor = reactor
         self._hosts = hosts
         self._index = 0
         self._timeout = timeout
+        self._own = own
+        self._attempt: AttemptFactory | None = None
         self.current = hosts[0]
 
     def failed(self) -> None:
@@ -64,9 +71,17 @@ class FailoverEndpoint:
     def connect(self, factory: Any) -> defer.Deferred[Any]:
         self.current = self._hosts[self._index]
         endpoint = HostnameEndpoint(self._reactor, self.current.host, self.current.port, timeout=self._timeout)
-        connecting: defer.Deferred[Any] = endpoint.connect(factory)
-        connecting.addErrback(self._attempt_failed)
+        self._attempt = attempts = AttemptFactory(factory, self._own)
+        connecting: defer.Deferred[Any] = endpoint.connect(attempts)
+        # ClientService gets its own protocol back, not the attempt around it.
+        connecting.addCallbacks(lambda attempt: attempt.inner, self._attempt_failed)
         return connecting
+
+    def abandon(self) -> None:
+        """Close the latest connection, which ClientService counts as a failed attempt (its login failed)."""
+        self.failed()
+        if self._attempt is not None and self._attempt.latest is not None:
+            self._attempt.latest.abandon()
 
     def _attempt_failed(self, failure: Failure) -> Failure:
         self.failed()
@@ -126,7 +141,7 @@ class BrokerService(Service):
         self.name = name
         self.config = config
         self._clock = reactor
-        self._endpoint = FailoverEndpoint(reactor, config.hosts)
+        self._endpoint = FailoverEndpoint(reactor, config.hosts, own=lambda: self._factory.latest)
         self._factory = _BrokerFactory(config, self._endpoint, reactor, f"msgmux {name}")
         self._service = ClientService(
             self._endpoint,
@@ -176,7 +191,6 @@ class BrokerService(Service):
         try:
             await protocol.login()
         except Exception as e:
-            self._endpoint.failed()
             self._log.warn(
                 "Broker {name} at {host}:{port}: {error}",
                 name=self.name,
@@ -188,7 +202,7 @@ class BrokerService(Service):
                     else f"refused the login: {_describe(e)}"
                 ),
             )
-            protocol.transport.abortConnection()
+            self._endpoint.abandon()
             raise
         self.protocol = protocol
         self.display = f"{host.host}:{host.port}"

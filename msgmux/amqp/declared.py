@@ -87,15 +87,15 @@ class DeclaredChannel:
     consumers, kept up while started.
 
     @ivar channel: the ready channel, or L{None}.
-    @ivar label: who this channel is for, in log lines (C{"Link tenant-a"}).
+    @ivar link_name: the link this channel is for (log lines name it).
     """
 
     _log = Logger()
 
-    def __init__(self, broker: BrokerService, clock: IReactorTime, label: str, plan: ChannelPlan, user: ChannelUser) -> None:
+    def __init__(self, broker: BrokerService, clock: IReactorTime, link_name: str, plan: ChannelPlan, user: ChannelUser) -> None:
         self.broker = broker
         self.clock = clock
-        self.label = label
+        self.link_name = link_name
         self.plan = plan
         self.user = user
         self.channel: Channel | None = None
@@ -162,8 +162,8 @@ class DeclaredChannel:
             if reason != self._failing:
                 self._failing = reason
                 self._log.error(
-                    "{label}: could not set up the {broker} broker channel: {error}; retrying every {delay}s",
-                    label=self.label,
+                    "Link {link}: could not set up the {broker} broker channel: {error}; retrying every {delay}s",
+                    link=self.link_name,
                     broker=self.broker.name,
                     error=reason,
                     delay=REBUILD_DELAY,
@@ -203,8 +203,8 @@ class DeclaredChannel:
         recovered = self._failing is not None
         self._failing = None
         self._log.info(
-            "{label}: {broker} broker channel ready ({count} queues consumed){recovered}",
-            label=self.label,
+            "Link {link}: {broker} broker channel ready ({count} queues consumed){recovered}",
+            link=self.link_name,
             broker=self.broker.name,
             count=len(consumers),
             recovered=" after failures" if recovered else "",
@@ -217,7 +217,7 @@ class DeclaredChannel:
         The broker cancelled a consumer (its queue was deleted, or a quorum
         queue's leader moved): start over on a new channel.
         """
-        self._log.warn("{label}: the broker cancelled consumer {tag}; rebuilding", label=self.label, tag=tag)
+        self._log.warn("Link {link}: the broker cancelled consumer {tag}; rebuilding", link=self.link_name, tag=tag)
         if channel.is_open:
             defer.Deferred.fromCoroutine(channel.close()).addErrback(lambda failure: None)
 
@@ -230,8 +230,8 @@ class DeclaredChannel:
         self._announced = None
         if self._wanted:
             self._log.warn(
-                "{label}: {broker} broker channel closed ({reason})",
-                label=self.label,
+                "Link {link}: {broker} broker channel closed ({reason})",
+                link=self.link_name,
                 broker=self.broker.name,
                 reason=reason.getErrorMessage(),
             )

@@ -16,7 +16,8 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from msgmux.control.link import ControlLink
-from msgmux.link.protocol import ControlLinkProtocol, LinkState
+from msgmux.link.handshake import ControlLinkProtocol
+from msgmux.link.protocol import LinkState
 from msgmux.log_budget import LogBudget
 
 __all__ = ["ControlLinkFactory", "MAX_PENDING_CONNECTIONS"]

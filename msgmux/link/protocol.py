@@ -8,9 +8,7 @@ C{(state, frame type) -> handler}; a frame the table does not list for the
 current state is a protocol violation.  Sequence numbers and credit are
 counted by the sans-IO windows of L{msgmux.link.flow}; ACK and CREDIT
 frames are batched to ride along with the next message.  The handshake is
-the only thing that differs by role: L{ControlLinkProtocol} waits for HELLO
-and answers WELCOME, L{TenantLinkProtocol} says HELLO and waits for
-WELCOME.  Once the session is up, messages and their outcomes go to a
+the only thing that differs by role (L{msgmux.link.handshake}).  Once the session is up, messages and their outcomes go to a
 L{SessionHandler} (the relay of that half).
 
 A peer is held to bounds, so that a hostile one costs this half little:
@@ -24,11 +22,7 @@ frames in one turn of the reactor before the others get theirs.
 from __future__ import annotations
 
 import enum
-import os
-import socket
-import struct
-import uuid
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol as TwistedProtocol
@@ -36,26 +30,16 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from msgmux import __version__
 from msgmux._writethrough import Writer
 from msgmux.link import codec
-from msgmux.link.codec import Ack, Close, Credit, Frame, FrameError, Heartbeat, Hello, MessageFrame, Reject, Welcome
+from msgmux.link.codec import Ack, Close, Credit, Frame, FrameError, Heartbeat, MessageFrame, Reject
 from msgmux.link.flow import ProtocolViolation, ReceiveWindow, SendWindow
+from msgmux.link.interfaces import LinkConnection, MessageTooLarge, SessionHandler
 from msgmux.message import Message
 from msgmux.pacing import TokenBucket
 from msgmux.timers import Timers
 
-__all__ = [
-    "ControlLinkProtocol",
-    "LinkConnection",
-    "LinkProtocol",
-    "LinkState",
-    "MessageTooLarge",
-    "ProtocolViolation",
-    "SessionHandler",
-    "TenantLinkProtocol",
-    "peer_credentials",
-]
+__all__ = ["LinkConnection", "LinkProtocol", "LinkState", "MessageTooLarge", "ProtocolViolation", "SessionHandler"]
 
 #: Seconds a new connection may take to complete the handshake.
 HANDSHAKE_TIMEOUT = 10.0
@@ -112,68 +96,6 @@ class LinkState(enum.Enum):
     OPEN = "open"  # the session is up
     CLOSING = "closing"  # CLOSE sent or received; the connection is going
     CLOSED = "closed"  # the connection is gone
-
-
-class SessionHandler(Protocol):
-    """What a half does with an established link session (its relay)."""
-
-    def session_started(self, connection: LinkConnection) -> None:
-        """The handshake completed; C{connection} can carry messages."""
-
-    def message_received(self, seq: int, message: Message) -> None:
-        """
-        The peer sent a message; answer later with
-        L{LinkConnection.acknowledge} or L{LinkConnection.refuse}.
-        """
-
-    def messages_acknowledged(self, tokens: list[Any]) -> None:
-        """The peer's broker confirmed messages we sent (their send tokens)."""
-
-    def message_refused(self, token: Any, reason: str) -> None:
-        """The peer refused a message we sent, for good."""
-
-    def credit_received(self) -> None:
-        """The peer allowed more messages."""
-
-    def session_ended(self, reason: str) -> None:
-        """The session is over (the socket closed); in-flight state is void."""
-
-
-class LinkConnection(Protocol):
-    """What a relay uses of its link session."""
-
-    link_name: str | None
-    session_id: str | None
-
-    @property
-    def established(self) -> bool:
-        """Whether the session is up and usable."""
-
-    @property
-    def unacknowledged(self) -> int:
-        """Messages we sent that the peer has not settled."""
-
-    def can_send(self, message: Message) -> bool:
-        """Whether the credit the peer granted lets C{message} go now."""
-
-    def send_message(self, message: Message, token: Any) -> None:
-        """Send C{message} (see L{LinkProtocol.send_message})."""
-
-    def acknowledge(self, seq: int) -> None:
-        """The peer's message C{seq} is safely published."""
-
-    def refuse(self, seq: int, reason: str) -> None:
-        """Refuse the peer's message C{seq} for good."""
-
-    def grant(self, messages: int, body_bytes: int) -> None:
-        """Let the peer send more."""
-
-    def close(self, code: str, detail: str) -> None:
-        """End the session, saying why."""
-
-
-class MessageTooLarge(Exception):
-    """A message does not fit what the peer accepts."""
 
 
 class LinkProtocol(TwistedProtocol):
@@ -310,7 +232,8 @@ class LinkProtocol(TwistedProtocol):
 
     def _abort(self, why: str) -> None:
         self._log.warn("Link {link}: {why}; aborting", link=self.link_name or "?", why=why)
-        self.transport.abortConnection()
+        if self.transport is not None:
+            self.transport.abortConnection()
 
     def _stop_heartbeats(self) -> None:
         if self._heartbeats is not None and self._heartbeats.running:
@@ -326,13 +249,23 @@ class LinkProtocol(TwistedProtocol):
     # --- producer: the transport tells us when the peer stops reading -------
 
     def pauseProducing(self) -> None:
-        """Our output is piling up: the peer is not reading; start counting."""
+        """
+        Our output is piling up: the peer is not reading.  Hold back the
+        credit we owe it (so that it cannot make us answer more messages),
+        count what we still write, and give it three heartbeat intervals to
+        catch up.
+        """
         if self._unread_output is None:
             self._unread_output = 0
+            self._timers.start("unread", 3 * self.heartbeat, self._slow_reader, "read nothing for three heartbeat intervals")
 
     def resumeProducing(self) -> None:
-        """The peer caught up."""
-        self._unread_output = None
+        """The peer caught up: what waited goes out."""
+        if self._unread_output is not None:
+            self._unread_output = None
+            self._timers.cancel("unread")
+            if self._pending_credit != (0, 0) and self.state is LinkState.OPEN:
+                self._timers.start_or_advance("flush", 0, self._flush)
 
     def stopProducing(self) -> None:
         """The connection is going; connectionLost does the rest."""
@@ -341,9 +274,15 @@ class LinkProtocol(TwistedProtocol):
         if self._unread_output is None:
             return
         self._unread_output += size
-        if self._unread_output > self.max_unread_output and self.state is not LinkState.CLOSED:
-            self._closing("slow-reader", f"slow-reader: the peer left {self._unread_output} bytes unread")
-            self._abort(f"the peer left {self._unread_output} bytes of our output unread")
+        if self._unread_output > self.max_unread_output:
+            self._slow_reader(f"left {self._unread_output} bytes unread")
+
+    def _slow_reader(self, how: str) -> None:
+        """The peer does not read what we send: give up on it, without a CLOSE it would not read either."""
+        if self.state is LinkState.CLOSED:
+            return
+        self._closing("slow-reader", f"slow-reader: the peer {how}")
+        self._abort(f"the peer {how}")
 
     # --- incoming -----------------------------------------------------------
 
@@ -530,12 +469,15 @@ class LinkProtocol(TwistedProtocol):
         self._timers.start_or_advance("flush", 0 if peer_has < owed_messages else SETTLE_DELAY, self._flush)
 
     def _settlements(self) -> list[bytes]:
-        """@return: the pending ACK and CREDIT frames, encoded; they are no longer pending."""
+        """
+        @return: the pending ACK and CREDIT frames, encoded; they are no
+            longer pending.  Credit waits while the peer does not read.
+        """
         parts: list[bytes] = []
         while self._pending_acks:
             batch, self._pending_acks = self._pending_acks[:ACK_BATCH], self._pending_acks[ACK_BATCH:]
             parts.append(codec.encode(Ack(tuple(batch))))
-        if self._pending_credit != (0, 0):
+        if self._pending_credit != (0, 0) and self._unread_output is None:
             messages, body_bytes = self._pending_credit
             self._pending_credit = (0, 0)
             parts.append(codec.encode(Credit(messages, body_bytes)))
@@ -560,133 +502,3 @@ class LinkProtocol(TwistedProtocol):
             self.close("ack-timeout", f"MSG {stuck[0]} unacknowledged for {stuck[1]:.0f}s")
         elif now - self._last_sent >= self.heartbeat * 0.9:
             self._write(Heartbeat())
-
-
-def peer_credentials(transport: Any) -> tuple[int, int, int] | None:
-    """
-    @param transport: a connected Unix socket transport.
-    @return: the peer's (pid, uid, gid) from C{SO_PEERCRED}, or L{None}
-        where the platform or transport cannot tell.
-    """
-    get_handle = getattr(transport, "getHandle", None)
-    if get_handle is None or not hasattr(socket, "SO_PEERCRED"):
-        return None
-    try:
-        raw = get_handle().getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    except OSError:
-        return None
-    pid, uid, gid = struct.unpack("3i", raw)
-    return pid, uid, gid
-
-
-class ControlLinkProtocol(LinkProtocol):
-    """
-    The control half's end: waits for HELLO, checks it, answers WELCOME with
-    the routes the tenant half must serve.
-    """
-
-    def __init__(
-        self,
-        clock: IReactorTime,
-        heartbeat: float,
-        max_body: int,
-        link_name: str,
-        routes: Callable[[], dict[str, Any]],
-        attach: Callable[[ControlLinkProtocol], SessionHandler | str],
-        connected: Callable[[ControlLinkProtocol], None] = lambda protocol: None,
-    ) -> None:
-        """
-        @param routes: the link's routes as WELCOME carries them, asked at
-            HELLO (so that a reload between connecting and HELLO counts).
-        @param attach: gives the session its handler, or says why there is
-            none (the connection is then closed with C{busy}).
-        @param connected: told of the connection and its peer credentials,
-            for the (rate-limited) connection log.
-        """
-        super().__init__(clock, heartbeat, max_body)
-        self.link_name = link_name
-        self._routes = routes
-        self._attach = attach
-        self._connected = connected
-        self.peer: tuple[int, int, int] | None = None
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        self.peer = peer_credentials(self.transport)
-        self._connected(self)
-
-    def _handshake_handler(self, frame: Frame) -> Callable[[Any], None]:
-        if self.state is LinkState.HANDSHAKE and type(frame) is Hello:
-            return self._hello
-        return super()._handshake_handler(frame)
-
-    def _hello(self, hello: Hello) -> None:
-        if codec.PROTOCOL_VERSION not in hello.versions:
-            self.close("version", f"this control half speaks version {codec.PROTOCOL_VERSION}, not {list(hello.versions)}")
-            return
-        if hello.link is not None and hello.link != self.link_name:
-            self.close("wrong-link", f"this socket serves link {self.link_name!r}, not {hello.link!r}")
-            return
-        handler = self._attach(self)
-        if isinstance(handler, str):
-            self.close("busy", handler)
-            return
-        session_id = uuid.uuid4().hex
-        self._write(
-            Welcome(
-                version=codec.PROTOCOL_VERSION,
-                link=self.link_name or "",
-                session=session_id,
-                heartbeat=self.heartbeat,
-                max_body=self._session_max_body,
-                routes=self._routes(),
-            )
-        )
-        self._log.info(
-            "Link {link}: session {session} up with {software}",
-            link=self.link_name,
-            session=session_id,
-            software=hello.software[:LOGGED_TEXT],
-        )
-        self._open(handler, session_id)
-
-
-class TenantLinkProtocol(LinkProtocol):
-    """
-    The tenant half's end: says HELLO, takes its routes from WELCOME.
-
-    @ivar welcome: the WELCOME frame, once received.
-    """
-
-    def __init__(self, clock: IReactorTime, expected_link: str | None, handler_for: Callable[[Welcome], SessionHandler]) -> None:
-        # The control half decides the heartbeat; until WELCOME only the
-        # handshake timeout applies.
-        super().__init__(clock, heartbeat=HANDSHAKE_TIMEOUT)
-        self._expected_link = expected_link
-        self._handler_for = handler_for
-        self.welcome: Welcome | None = None
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        self._write(Hello(versions=(codec.PROTOCOL_VERSION,), link=self._expected_link, software=f"msgmux/{__version__} pid {os.getpid()}"))
-
-    def _handshake_handler(self, frame: Frame) -> Callable[[Any], None]:
-        if self.state is LinkState.HANDSHAKE and type(frame) is Welcome:
-            return self._welcome
-        return super()._handshake_handler(frame)
-
-    def _welcome(self, welcome: Welcome) -> None:
-        if welcome.version != codec.PROTOCOL_VERSION:
-            self.close("version", f"control half chose version {welcome.version}")
-            return
-        self.welcome = welcome
-        self.link_name = welcome.link
-        self.heartbeat = welcome.heartbeat
-        self.peer_max_body = welcome.max_body
-        try:
-            handler = self._handler_for(welcome)
-        except ValueError as e:
-            self.close("bad-welcome", str(e))
-            return
-        self._log.info("Link {link}: session {session} up", link=welcome.link, session=welcome.session)
-        self._open(handler, welcome.session)

@@ -30,8 +30,8 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from txamqp.message import Message as TxMessage
 
-from msgmux.amqp.broker import BrokerService
 from msgmux.amqp import wire
+from msgmux.amqp.broker import BrokerService
 from msgmux.amqp.channel import Channel, Delivery
 from msgmux.amqp.protocol import BrokerDelegate, BrokerProtocol, load_spec
 from msgmux.config import BrokerConfig, Config, ControlConfig, TenantConfig, parse, parse_transport_url

@@ -256,7 +256,7 @@ class ScriptedBroker(Protocol):
         except amqp_frames.FrameError as e:
             self._unexpected(str(e), None)
 
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+    def connectionLost(self, reason: Failure = Failure(ConnectionError("connection lost"))) -> None:
         self.lost = reason
         self._state = "closed"
         if self._beating is not None and self._beating.running:
@@ -444,7 +444,8 @@ class ScriptedBroker(Protocol):
         self.published.append(published)
         if tag is None or not self.auto_confirm:
             return
-        outcome = ACK if self.auto_confirm is True else self.auto_confirm(published)  # type: ignore[operator]
+        decide = self.auto_confirm
+        outcome = ACK if decide is True or not callable(decide) else decide(published)
         if outcome == RETURN:
             if not published.mandatory:
                 raise ScriptError(f"only a mandatory publish can be returned: {published}")

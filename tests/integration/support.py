@@ -67,7 +67,8 @@ async def fetch_metrics(reactor: Any, endpoint: str) -> str:
             return client_endpoint(reactor, endpoint)
 
     response = await Agent.usingEndpointFactory(reactor, Endpoints()).request(b"GET", b"http://msgmux/metrics")
-    return (await readBody(response)).decode()  # type: ignore[no-any-return]
+    body: bytes = await readBody(response)
+    return body.decode()
 
 
 def shared_lab() -> defer.Deferred[Lab]:

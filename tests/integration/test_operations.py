@@ -65,8 +65,9 @@ class OperationsTests(LabTestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertRegex(result.stdout, r"control\s+tenant-a\s+yes\s+yes")
 
-        from msgmux.cli import client_endpoint
         from twisted.web.client import Agent, readBody
+
+        from msgmux.cli import client_endpoint
 
         class Factory:
             def endpointForURI(self, uri: Any) -> Any:

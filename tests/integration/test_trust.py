@@ -37,7 +37,9 @@ REPORT = oslo_body({"method": "report_state", "args": {"agent": "a1"}, "_unique_
 class TrustTests(LabTestCase):
     async def _start(self, limits: str = "", routes: str = ROUTES) -> tuple[ControlHalf, Any, BrokerProbe]:
         path = control_config(self.lab, self.control_vhost, self.socket_path("tenant-a"), "tenant-a", routes, limits)
-        half = ControlHalf(load(path).control, reactor)  # type: ignore[arg-type]
+        control = load(path).control
+        assert control is not None
+        half = ControlHalf(control, reactor)
         half.start()
         self.addCleanup(lambda: defer.Deferred.fromCoroutine(half.stop()))
         probe = BrokerProbe(reactor, self.lab.control_node.url(self.control_vhost))
