@@ -30,7 +30,7 @@ and the rest flows on.
 from __future__ import annotations
 
 import collections
-from typing import Callable
+from typing import Any, Callable
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -121,7 +121,19 @@ class Publisher:
     def channel_ready(self, channel: Channel) -> None:
         """A new channel: publish what waits, suspects first and one at a time."""
         self.channel = channel
+        channel.return_observers.append(self._returned)
         self._next()
+
+    def _returned(self, code: int, text: str, exchange: str, routing_key: str, properties: dict[str, Any], body: bytes) -> None:
+        self.stats.count("returned", direction=self.direction)
+        self._log.info(
+            "Link {link}: broker returned a message for {exchange!r}/{key!r}: {code} {text}",
+            link=self.stats.link_name,
+            exchange=exchange,
+            key=routing_key,
+            code=code,
+            text=text,
+        )
 
     def channel_lost(self, channel: Channel) -> None:
         """The channel went: what it had not confirmed is published again on the next one."""

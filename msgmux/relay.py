@@ -140,7 +140,6 @@ class Relay:
     def consumers(self, channel: Channel) -> list[Consumer]:
         self._reader = reader = StreamReader(self._streams)
         channel.settle_observer = reader.settled
-        channel.return_observers.append(self._returned)
         consumers = []
         for index, source in enumerate(self._sources):
             arguments: dict[str, object] = dict(source.queue.consume_arguments)
@@ -174,17 +173,6 @@ class Relay:
             return False
         channel.publish_then(exchange, routing_key, properties, body, False, _ignore_outcome, None)
         return True
-
-    def _returned(self, code: int, text: str, exchange: str, routing_key: str, properties: dict[str, Any], body: bytes) -> None:
-        self.stats.count("returned", direction=self.policy.direction_in)
-        self._log.info(
-            "Link {link}: broker returned a message for {exchange!r}/{key!r}: {code} {text}",
-            link=self.stats.link_name,
-            exchange=exchange,
-            key=routing_key,
-            code=code,
-            text=text,
-        )
 
     # --- outbound: broker -> link -------------------------------------------
 
