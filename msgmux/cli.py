@@ -29,6 +29,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, U
 from twisted.web.client import Agent, readBody
 
 from msgmux.config import Config, ConfigError, load
+from msgmux.oslo.tokens import key_id
 
 __all__ = ["main"]
 
@@ -57,6 +58,9 @@ def describe(config: Config) -> str:
         control = config.control
         hosts = ", ".join(f"{h.host}:{h.port}" for h in control.broker.hosts)
         lines.append(f"control half: broker {hosts} vhost {control.broker.virtual_host!r}, exchange {control.broker.exchange!r}")
+        if control.reply_key is not None:
+            verifying = ", ".join(key_id(key) for key in control.reply_verify_keys) or "no other"
+            lines.append(f"  reply keys: signing with {key_id(control.reply_key)}, also verifying {verifying}")
         for link in control.links:
             lines.append(f"  link {link.name}: socket {link.socket} (mode {link.socket_mode:o})")
             for rule in link.down:

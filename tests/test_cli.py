@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -48,6 +49,29 @@ class CheckConfigTests(SynchronousTestCase):
         self.assertEqual(out.getvalue(), "")
         self.assertTrue(err.getvalue().startswith(f"msgmux: {f.name}: tenant.transport_url: "), err.getvalue())
         self.assertIn("rabbit", err.getvalue())
+
+
+    def test_reply_key_ids(self) -> None:
+        """The summary names the reply keys by their ids, so operators can compare control halves without seeing keys."""
+        from msgmux.oslo.tokens import key_id
+
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        keys = {}
+        for name in ("new", "old"):
+            keys[name] = os.path.join(directory, f"{name}.key")
+            with open(keys[name], "w") as f:
+                f.write(f"{name}-key-0123456789abcdef\n")
+        with open(os.path.join(EXAMPLES, "control.toml")) as f:
+            text = f.read().replace("[control]\n", f'[control]\nreply_key_file = "{keys["new"]}"\nreply_verify_key_files = ["{keys["old"]}"]\n', 1)
+        path = os.path.join(directory, "control.toml")
+        with open(path, "w") as f:
+            f.write(text)
+        out = io.StringIO()
+        self.assertEqual(check_config(path, out), 0)
+        new, old = key_id(b"new-key-0123456789abcdef"), key_id(b"old-key-0123456789abcdef")
+        self.assertIn(f"  reply keys: signing with {new}, also verifying {old}\n", out.getvalue())
+        self.assertNotIn("key-0123456789abcdef", out.getvalue())
 
 
 class StatusTests(SynchronousTestCase):
