@@ -7,12 +7,20 @@ The C{msgmux} command for operators.
  - C{msgmux status --config FILE} (or C{--metrics ENDPOINT}): ask a running
    msgmux for its links, their health, rates and calls in flight.  It reads
    C{/status} twice, a second apart, to compute rates.
+
+When the reader of its output goes away early (C{msgmux check-config FILE
+| head}), it stops quietly with status 141, as a command killed by
+C{SIGPIPE} does, instead of a C{BrokenPipeError} traceback.  (It does not
+restore C{SIGPIPE}'s default action, which would also kill it on a socket
+write to a closed connection.)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 from typing import Any, TextIO
 
@@ -21,8 +29,26 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, U
 from twisted.web.client import Agent, readBody
 
 from msgmux.config import Config, ConfigError, load
+from msgmux.oslo.tokens import key_id
 
 __all__ = ["main"]
+
+#: Exit status when standard output's reader went away: that of a command
+#: killed by SIGPIPE, which shells and C{set -o pipefail} know.
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+
+
+def _reader_gone() -> int:
+    """
+    Standard output's reader went away: send what is still buffered for it
+    to /dev/null, so that the interpreter's last flush does not fail again.
+
+    @return: the exit status.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_BROKEN_PIPE
 
 
 def describe(config: Config) -> str:
@@ -32,6 +58,9 @@ def describe(config: Config) -> str:
         control = config.control
         hosts = ", ".join(f"{h.host}:{h.port}" for h in control.broker.hosts)
         lines.append(f"control half: broker {hosts} vhost {control.broker.virtual_host!r}, exchange {control.broker.exchange!r}")
+        if control.reply_key is not None:
+            verifying = ", ".join(key_id(key) for key in control.reply_verify_keys) or "no other"
+            lines.append(f"  reply keys: signing with {key_id(control.reply_key)}, also verifying {verifying}")
         for link in control.links:
             lines.append(f"  link {link.name}: socket {link.socket} (mode {link.socket_mode:o})")
             for rule in link.down:
@@ -176,6 +205,17 @@ async def status(reactor: Any, arguments: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run the command line C{argv} (default: C{sys.argv}) and exit."""
+    try:
+        try:
+            _main(argv)
+        finally:
+            sys.stdout.flush()
+    except BrokenPipeError:
+        sys.exit(_reader_gone())
+
+
+def _main(argv: list[str] | None) -> None:
     parser = argparse.ArgumentParser(prog="msgmux", description="Operate msgmux, the oslo.messaging proxy.")
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check-config", help="validate a configuration file")
@@ -192,7 +232,11 @@ def main(argv: list[str] | None = None) -> None:
 
     def run(reactor: Any) -> defer.Deferred[None]:
         async def go() -> None:
-            code = await status(reactor, arguments)
+            try:
+                code = await status(reactor, arguments)
+                sys.stdout.flush()
+            except BrokenPipeError:
+                code = _reader_gone()
             if code:
                 raise SystemExit(code)
 

@@ -18,6 +18,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import attrs
 
 from msgmux._toml import ConfigError, Section
+from msgmux.oslo.tokens import MAX_VERIFY_KEYS
 
 __all__ = [
     "BrokerConfig",
@@ -211,6 +212,8 @@ class ControlConfig:
 
     @ivar reply_key: secret for signing reply tokens; L{None} means a random
         key per process (calls in flight across a restart then time out).
+    @ivar reply_verify_keys: secrets that only verify reply tokens (and
+        canaries), so that keys rotate without failing calls in flight.
     @ivar link_heartbeat: seconds between link heartbeats; a peer silent for
         three intervals is disconnected.
     @ivar link_window: messages one half may have unacknowledged on the link.
@@ -224,6 +227,7 @@ class ControlConfig:
     broker: BrokerConfig
     links: tuple[LinkConfig, ...]
     reply_key: bytes | None = attrs.field(default=None, repr=False)
+    reply_verify_keys: tuple[bytes, ...] = attrs.field(default=(), repr=False)
     link_heartbeat: float = 5.0
     link_window: int = 256
     metrics: str | None = None
@@ -317,16 +321,15 @@ def _non_negative(value: float) -> str | None:
 
 def _control(section: Section) -> ControlConfig:
     broker = _broker(section)
-    reply_key = None
-    if section.has("reply_key_file"):
-        key_path = section.get("reply_key_file", str)
-        try:
-            with open(key_path, "rb") as f:
-                reply_key = f.read().strip()
-        except OSError as e:
-            raise section.error("reply_key_file", f"cannot read {key_path}: {e.strerror or e}") from None
-        if len(reply_key) < 16:
-            raise section.error("reply_key_file", f"{key_path} must hold at least 16 bytes of secret")
+    reply_key = _read_key(section, "reply_key_file", section.get("reply_key_file", str)) if section.has("reply_key_file") else None
+    verify_paths = section.strings("reply_verify_key_files", ())
+    if verify_paths and reply_key is None:
+        raise section.error("reply_verify_key_files", "needs reply_key_file (the key that signs)")
+    if len(verify_paths) > MAX_VERIFY_KEYS:
+        raise section.error(
+            "reply_verify_key_files", f"lists {len(verify_paths)} files; at most {MAX_VERIFY_KEYS} (each costs an HMAC per forged reply)"
+        )
+    verify_keys = tuple(_read_key(section, f"reply_verify_key_files[{i}]", path) for i, path in enumerate(verify_paths))
     heartbeat = section.get("link_heartbeat", float, 5.0, _between(0, 600, "seconds"))
     window = section.get("link_window", int, 256, lambda v: None if 1 <= v <= 65535 else "must be 1-65535")
     metrics = section.get("metrics", str, None, _endpoint_problem)
@@ -342,11 +345,28 @@ def _control(section: Section) -> ControlConfig:
         broker=broker,
         links=links,
         reply_key=reply_key,
+        reply_verify_keys=verify_keys,
         link_heartbeat=heartbeat,
         link_window=window,
         metrics=metrics,
         canary_interval=canary_interval,
     )
+
+
+def _read_key(section: Section, name: str, path: str) -> bytes:
+    """
+    @param name: the key naming the file, for errors.
+    @param path: a file holding a secret.
+    @return: its bytes, without leading and trailing whitespace.
+    """
+    try:
+        with open(path, "rb") as f:
+            key = f.read().strip()
+    except OSError as e:
+        raise section.error(name, f"cannot read {path}: {e.strerror or e}") from None
+    if len(key) < 16:
+        raise section.error(name, f"{path} must hold at least 16 bytes of secret")
+    return key
 
 
 def _unique(section: Section, name: str, values: list[str], what: str) -> None:

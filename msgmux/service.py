@@ -53,9 +53,11 @@ class ControlHalf:
         self.config = config
         self.reactor = reactor
         self.broker = BrokerService(config.broker, "control", reactor)
-        self.signer = TokenSigner(config.reply_key or os.urandom(32))
+        self.signer = TokenSigner(config.reply_key or os.urandom(32), config.reply_verify_keys)
         if config.reply_key is None:
             self._log.info("No reply_key_file: calls in flight when this control half restarts will time out")
+        else:
+            self._log.info("Reply keys: signing with {signing}, also verifying {verifying}", **self.signer.key_ids())
         self.links: dict[str, ControlLink] = {}
         self._listeners: dict[str, LinkListener] = {}
         self._started = False
@@ -115,11 +117,17 @@ class ControlHalf:
         """
         Apply a new configuration's links: new links start listening, removed
         ones stop, changed ones get their new routes and limits (their
-        tenant half reconnects); untouched links are not disturbed.  Broker
-        and key changes need a restart.
+        tenant half reconnects); untouched links are not disturbed; the
+        reply keys in the key files are used from now on.  Broker changes
+        need a restart.
         """
-        if config.broker != self.config.broker or config.reply_key != self.config.reply_key:
-            self._log.warn("Reload: control broker or reply key changes take effect only after a restart")
+        if config.broker != self.config.broker:
+            self._log.warn("Reload: control broker changes take effect only after a restart")
+        if config.reply_key is None:  # no key file (any more): the key in use stays
+            config = attrs.evolve(config, reply_key=self.config.reply_key, reply_verify_keys=self.config.reply_verify_keys)
+        elif (config.reply_key, config.reply_verify_keys) != (self.config.reply_key, self.config.reply_verify_keys):
+            self.signer.use_keys(config.reply_key, config.reply_verify_keys)
+            self._log.info("Reply keys: signing with {signing}, also verifying {verifying}", **self.signer.key_ids())
         old = {link.name: link for link in self.config.links}
         new = {link.name: link for link in config.links}
         for name in old.keys() - new.keys():
@@ -127,7 +135,7 @@ class ControlHalf:
         for name in old.keys() & new.keys():
             if old[name].socket != new[name].socket or old[name].socket_mode != new[name].socket_mode:
                 await self.remove_link(name)
-        self.config = attrs.evolve(config, broker=self.config.broker, reply_key=self.config.reply_key)
+        self.config = attrs.evolve(config, broker=self.config.broker)
         for name, link in new.items():
             if name not in self.links:
                 self.add_link(link)

@@ -1,15 +1,27 @@
-"""Tests for the C{msgmux} command: check-config, and the status table."""
+"""
+Tests for the C{msgmux} command: check-config, the status table, and a
+quiet exit when the reader of its output goes away.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
+import shutil
+import subprocess
+import sys
 import tempfile
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet import defer, reactor, threads
+from twisted.internet.endpoints import UNIXServerEndpoint
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+from twisted.web.static import Data
 
-from msgmux.cli import check_config, client_endpoint, render_status
+from msgmux.cli import EXIT_BROKEN_PIPE, check_config, client_endpoint, render_status
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
@@ -39,6 +51,29 @@ class CheckConfigTests(SynchronousTestCase):
         self.assertIn("rabbit", err.getvalue())
 
 
+    def test_reply_key_ids(self) -> None:
+        """The summary names the reply keys by their ids, so operators can compare control halves without seeing keys."""
+        from msgmux.oslo.tokens import key_id
+
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        keys = {}
+        for name in ("new", "old"):
+            keys[name] = os.path.join(directory, f"{name}.key")
+            with open(keys[name], "w") as f:
+                f.write(f"{name}-key-0123456789abcdef\n")
+        with open(os.path.join(EXAMPLES, "control.toml")) as f:
+            text = f.read().replace("[control]\n", f'[control]\nreply_key_file = "{keys["new"]}"\nreply_verify_key_files = ["{keys["old"]}"]\n', 1)
+        path = os.path.join(directory, "control.toml")
+        with open(path, "w") as f:
+            f.write(text)
+        out = io.StringIO()
+        self.assertEqual(check_config(path, out), 0)
+        new, old = key_id(b"new-key-0123456789abcdef"), key_id(b"old-key-0123456789abcdef")
+        self.assertIn(f"  reply keys: signing with {new}, also verifying {old}\n", out.getvalue())
+        self.assertNotIn("key-0123456789abcdef", out.getvalue())
+
+
 class StatusTests(SynchronousTestCase):
     def test_rates_and_health(self) -> None:
         """Two samples a second apart give per-second rates; unhealthy links and broker trouble stand out."""
@@ -64,3 +99,75 @@ class StatusTests(SynchronousTestCase):
         tcp6 = client_endpoint(reactor, "tcp6:9464:interface=\\:\\:1")  # escaped as Twisted's parser wants it
         self.assertEqual((tcp6._host, tcp6._port), ("::1", 9464))
         self.assertEqual(client_endpoint(reactor, "tcp:port=9465")._port, 9465)
+
+
+def run_cli(arguments: list[str], reader_closed: bool) -> subprocess.CompletedProcess[bytes]:
+    """
+    Run C{msgmux ARGUMENTS} in a subprocess whose standard output is a real
+    pipe.  With C{reader_closed}, the pipe's read end is closed before the
+    command starts, as when C{head} has exited: every write to it fails.
+    """
+    read, write = os.pipe()
+    if reader_closed:
+        os.close(read)
+    try:
+        # As the console script does: msgmux.cli is not __main__ (whose
+        # DeprecationWarnings Python would print).
+        command = [sys.executable, "-c", "from msgmux.cli import main; main()", *arguments]
+        result = subprocess.run(command, stdout=write, stderr=subprocess.PIPE, timeout=60)
+    finally:
+        os.close(write)
+    if not reader_closed:
+        with os.fdopen(read, "rb") as pipe:
+            result.stdout = pipe.read()
+    return result
+
+
+class ClosedPipeTests(SynchronousTestCase):
+    """C{msgmux check-config FILE | head}: no traceback when head leaves early."""
+
+    def test_check_config(self) -> None:
+        """The reader gone, check-config exits with SIGPIPE's status and writes nothing to stderr."""
+        path = os.path.join(EXAMPLES, "control.toml")
+        result = run_cli(["check-config", path], reader_closed=True)
+        self.assertEqual((result.returncode, result.stderr.decode()), (EXIT_BROKEN_PIPE, ""))
+        # The same command with a reader prints its summary: the closed pipe made the difference.
+        result = run_cli(["check-config", path], reader_closed=False)
+        self.assertEqual((result.returncode, result.stderr.decode()), (0, ""))
+        self.assertIn(b"control.toml: OK", result.stdout)
+
+
+STATUS = {
+    "links": [
+        {"half": "control", "link": "tenant-a", "up": True, "healthy": True, "canary_round_trip": 0.002,
+         "inflight_calls": {"down": 0, "up": 0}, "relayed": {"down": 5, "up": 1}, "rejected": {"down": 0, "up": 0}}
+    ],
+    "brokers": [{"name": "control", "connected": True, "address": "127.0.0.1:5672", "blocked": None}],
+}  # fmt: skip
+
+
+class ClosedPipeStatusTests(TestCase):
+    """C{msgmux status ... | head}, against a real HTTP endpoint serving a status document."""
+
+    async def serve_status(self) -> str:
+        root = Resource()
+        root.putChild(b"status", Data(json.dumps(STATUS).encode(), "application/json"))
+        path = os.path.abspath(self.mktemp())
+        port = await UNIXServerEndpoint(reactor, path).listen(Site(root))
+        self.addCleanup(port.stopListening)
+        return f"unix:{path}"
+
+    def test_status(self) -> defer.Deferred[None]:
+        """The reader gone, status (table or --json) exits with SIGPIPE's status and writes nothing to stderr."""
+
+        async def check() -> None:
+            endpoint = await self.serve_status()
+            for extra in ([], ["--json"]):
+                arguments = ["status", "--metrics", endpoint, "--interval", "0.05", *extra]
+                result = await threads.deferToThread(run_cli, arguments, True)
+                self.assertEqual((result.returncode, result.stderr.decode()), (EXIT_BROKEN_PIPE, ""), extra)
+                result = await threads.deferToThread(run_cli, arguments, False)
+                self.assertEqual((result.returncode, result.stderr.decode()), (0, ""), extra)
+                self.assertIn(b"tenant-a", result.stdout)
+
+        return defer.Deferred.fromCoroutine(check())

@@ -370,6 +370,47 @@ class ValidConfigTests(ConfigTestCase):
         self.assertEqual(config.control.reply_key, b"0123456789abcdef")
 
 
+class ReplyKeyTests(ConfigTestMixin, SynchronousTestCase):
+    """reply_key_file signs; reply_verify_key_files only verify (key rotation)."""
+
+    def keys(self, signing: str | None, verifying: list[str] | str) -> str:
+        """A control config with these key settings (TOML values, already quoted)."""
+        lines = f"reply_key_file = {signing}\n" if signing else ""
+        lines += f"reply_verify_key_files = {verifying}\n"
+        return CONTROL.replace("[[", lines + "[[", 1)
+
+    def test_verify_keys(self) -> None:
+        """Each verification key file is read, stripped, and kept in the order given."""
+        signing = self.write(b"new-key-0123456789\n")
+        old = self.write(b"  old-key-0123456789 \n")
+        older = self.write(b"older-key-0123456789")
+        control = parse(self.keys(f"'{signing}'", f"['{old}', '{older}']")).control
+        assert control is not None
+        self.assertEqual(control.reply_key, b"new-key-0123456789")
+        self.assertEqual(control.reply_verify_keys, (b"old-key-0123456789", b"older-key-0123456789"))
+        self.assertNotIn("key-0123456789", repr(control))
+        self.assertEqual(parse(CONTROL).control.reply_verify_keys, ())  # type: ignore[union-attr]
+
+    def test_verify_key_errors(self) -> None:
+        """Each problem names reply_verify_key_files, or the entry whose file is at fault."""
+        good = self.write(b"0123456789abcdef")
+        short = self.write(b"0123456789abcde\n")
+        cases = [
+            ("not a list", self.keys(f"'{good}'", f"'{good}'"), "control.reply_verify_key_files"),
+            ("not strings", self.keys(f"'{good}'", "[1]"), "control.reply_verify_key_files[0]"),
+            ("no signing key", self.keys(None, f"['{good}']"), "control.reply_verify_key_files"),
+            ("too many", self.keys(f"'{good}'", repr([good] * 4)), "control.reply_verify_key_files"),
+            ("missing file", self.keys(f"'{good}'", f"['{good}', '/nonexistent/old.key']"), "control.reply_verify_key_files[1]"),
+            ("short key", self.keys(f"'{good}'", f"['{short}']"), "control.reply_verify_key_files[0]"),
+        ]
+        problems = [f"{description}: {problem}" for description, text, key in cases if (problem := self.key_problem(text, key))]
+        self.assertEqual(problems, [])
+        error = self.assertRaises(ConfigError, parse, self.keys(f"'{good}'", "['/nonexistent/old.key']"))
+        self.assertIn("/nonexistent/old.key", str(error))
+        # Three are allowed.
+        self.assertEqual(len(parse(self.keys(f"'{good}'", repr([good] * 3))).control.reply_verify_keys), 3)  # type: ignore[union-attr]
+
+
 class TransportUrlTests(SynchronousTestCase):
     """L{parse_transport_url} follows oslo's syntax."""
 

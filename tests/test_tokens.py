@@ -1,20 +1,22 @@
 """
 Tests for L{msgmux.oslo.tokens}: signed reply tokens verify only for the link,
 direction and key they were issued under, and anything else is a
-L{TokenError}; canaries only from a holder of the key.
+L{TokenError}; canaries only from a holder of the key; keys rotate without
+refusing what was signed before.
 """
 
 from __future__ import annotations
 
 import base64
 import string
+from typing import Any
 
 import cbor2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from msgmux.oslo.tokens import ReplyToken, TokenError, TokenSigner
+from msgmux.oslo.tokens import MAX_VERIFY_KEYS, ReplyToken, TokenError, TokenSigner, key_id
 
 KEY = b"k" * 32
 SIGNER = TokenSigner(KEY)
@@ -167,7 +169,7 @@ class RefusalTests(SynchronousTestCase):
             cbor2.dumps({"a": 1}),
         ):
             payload = b64(value)
-            mac = b64(SIGNER._mac("tenant-a", "down", payload))
+            mac = b64(SIGNER._mac(KEY, "tenant-a", "down", payload))
             self.refuse(f"{PREFIX}{payload}.{mac}")
 
     @settings(deadline=None)
@@ -228,3 +230,121 @@ class CanaryTests(SynchronousTestCase):
     def test_arbitrary_bytes(self, body: bytes) -> None:
         """Arbitrary bytes are refused with TokenError and nothing else."""
         self.assertRaises(TokenError, SIGNER.verify_canary, "tenant-a", body)
+
+
+OLD, NEW = b"o" * 32, b"n" * 32
+
+
+def call(signer: TokenSigner, msg_id: str = "m") -> str:
+    """A token for a down call on link l."""
+    return signer.issue("l", "down", msg_id, "reply_q", 1e9)
+
+
+def verifies(signer: TokenSigner, token: str) -> bool:
+    try:
+        signer.verify("l", "down", token)
+    except TokenError:
+        return False
+    return True
+
+
+class RotationTests(SynchronousTestCase):
+    """Several keys: one signs, all verify; keys rotate across control halves without refusing calls in flight."""
+
+    def test_verification_keys(self) -> None:
+        """A signer verifies under its signing key and its verification keys, and signs only with the first."""
+        signer = TokenSigner(NEW, [OLD])
+        self.assertEqual(signer.verify("l", "down", call(TokenSigner(OLD), "before")).msg_id, "before")
+        self.assertEqual(signer.verify("l", "down", call(signer, "after")).msg_id, "after")
+        self.assertRaises(TokenError, TokenSigner(OLD).verify, "l", "down", call(signer))
+        self.assertEqual(TokenSigner(NEW).verify("l", "down", call(signer, "new")).msg_id, "new")
+
+    def test_procedure_across_two_halves(self) -> None:
+        """
+        The documented procedure, on two control halves that answer each
+        other's calls and are reloaded one after the other: no token issued
+        by either at any step is refused by either until the old key is
+        dropped after the calls signed with it have expired.
+        """
+        first, second = TokenSigner(OLD), TokenSigner(OLD)
+        in_flight = [call(first, "0a"), call(second, "0b")]
+
+        def everyone_verifies() -> None:
+            for token in in_flight:
+                for half in (first, second):
+                    half.verify("l", "down", token)
+
+        steps = [
+            (first, OLD, [NEW]), (second, OLD, [NEW]),  # 1. the new key verifies everywhere
+            (first, NEW, [OLD]), (second, NEW, [OLD]),  # 2. then signs, one half after the other
+        ]  # fmt: skip
+        for index, (half, key, others) in enumerate(steps):
+            half.use_keys(key, others)
+            everyone_verifies()
+            in_flight += [call(first, f"{index}a"), call(second, f"{index}b")]
+            everyone_verifies()
+        # 3. Once calls signed with the old key have expired, drop it.
+        old_calls = [token for token in in_flight if verifies(TokenSigner(OLD), token)]
+        self.assertEqual(len(old_calls), 7)  # all made before a half's step 2, by that half
+        for half in (first, second):
+            half.use_keys(NEW)
+        for token in in_flight:
+            for half in (first, second):
+                if token in old_calls:
+                    self.assertRaises(TokenError, half.verify, "l", "down", token)
+                else:
+                    half.verify("l", "down", token)
+
+    def test_canaries_across_rotation(self) -> None:
+        """A canary sent before a rotation verifies after it, and no longer once its key is dropped."""
+        signer = TokenSigner(OLD)
+        before = signer.canary("tenant-a", 5.0)
+        signer.use_keys(NEW, [OLD])
+        self.assertEqual(signer.verify_canary("tenant-a", before), 5.0)
+        after = signer.canary("tenant-a", 6.0)
+        self.assertRaises(TokenError, TokenSigner(OLD).verify_canary, "tenant-a", after)
+        signer.use_keys(NEW)
+        self.assertRaises(TokenError, signer.verify_canary, "tenant-a", before)
+        self.assertEqual(signer.verify_canary("tenant-a", after), 6.0)
+
+    def test_bad_keys_change_nothing(self) -> None:
+        """Too many verification keys, or a short one, are refused, and the keys in use stay."""
+        signer = TokenSigner(OLD)
+        spare = [bytes([65 + i]) * 16 for i in range(MAX_VERIFY_KEYS + 1)]
+        self.assertRaises(ValueError, signer.use_keys, NEW, spare)
+        self.assertRaises(ValueError, signer.use_keys, NEW, [b"short"])
+        self.assertRaises(ValueError, TokenSigner, NEW, [b"x" * 15])
+        self.assertEqual(signer.key_ids(), {"signing": key_id(OLD), "verifying": []})
+        self.assertTrue(verifies(TokenSigner(OLD), call(signer)))
+        signer.use_keys(NEW, spare[:MAX_VERIFY_KEYS])
+        self.assertEqual(len(signer.key_ids()["verifying"]), MAX_VERIFY_KEYS)
+
+    def test_verification_cost(self) -> None:
+        """
+        A token signed by the signing key costs one HMAC; one from a
+        verification key or a forgery at most one per key, and a key listed
+        twice is tried once.
+        """
+        signer = TokenSigner(NEW, [OLD, OLD, b"x" * 32])
+        macs: list[bytes] = []
+        real = signer._mac
+
+        def counting(key: bytes, *rest: Any) -> bytes:
+            macs.append(key)
+            return real(key, *rest)
+
+        self.patch(signer, "_mac", counting)
+        for token, expected in ((call(signer), 1), (call(TokenSigner(OLD)), 2), (call(TokenSigner(b"z" * 32)), 3)):
+            del macs[:]
+            try:
+                signer.verify("l", "down", token)
+            except TokenError:
+                pass
+            self.assertEqual(len(macs), expected, token)
+        self.assertEqual(signer.key_ids(), {"signing": key_id(NEW), "verifying": [key_id(OLD), key_id(b"x" * 32)]})
+
+    def test_key_ids(self) -> None:
+        """Key ids are short, stable, differ between keys, and do not contain the key."""
+        self.assertEqual(key_id(NEW), key_id(b"n" * 32))
+        self.assertNotEqual(key_id(NEW), key_id(OLD))
+        self.assertRegex(key_id(NEW), r"^[0-9a-f]{8}$")

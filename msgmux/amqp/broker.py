@@ -192,8 +192,8 @@ class BrokerService(Service):
             await protocol.login()
         except Exception as e:
             self._log.warn(
-                "Broker {name} at {host}:{port}: {error}",
-                name=self.name,
+                "Broker {broker} at {host}:{port}: {error}",
+                broker=self.name,
                 host=host.host,
                 port=host.port,
                 error=(
@@ -207,8 +207,8 @@ class BrokerService(Service):
         self.protocol = protocol
         self.display = f"{host.host}:{host.port}"
         self._log.info(
-            "Connected to {name} broker at {host}:{port} (RabbitMQ {version})",
-            name=self.name,
+            "Connected to {broker} broker at {host}:{port} (RabbitMQ {version})",
+            broker=self.name,
             host=host.host,
             port=host.port,
             version=protocol.server_properties.get("version", "?"),
@@ -221,7 +221,7 @@ class BrokerService(Service):
         if self.protocol is not protocol:
             return
         self.protocol = None
-        self._log.warn("Lost the {name} broker at {host}", name=self.name, host=self.display)
+        self._log.warn("Lost the {broker} broker at {host}", broker=self.name, host=self.display)
         reason = Failure(ConnectionError(f"{self.name} broker connection lost"))
         for observer in list(self._observers):
             observer.broker_lost(reason)

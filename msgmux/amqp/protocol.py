@@ -204,7 +204,7 @@ class BrokerProtocol(AMQClient):
                     self.frame_received(self._decode_frame(bytes(buffer[offset : stop + 1])))
                 offset = stop + 1
         except wire.WireError as e:
-            self._log.error("Broker {name} sent invalid AMQP: {error}; closing", name=self._connection_name, error=e)
+            self._log.error("Broker {broker} sent invalid AMQP: {error}; closing", broker=self._connection_name, error=e)
             self.transport.abortConnection()
         finally:
             del buffer[:offset]
@@ -304,7 +304,7 @@ class BrokerProtocol(AMQClient):
         if silence < limit:
             self.checkHB = self.clock.callLater(limit - silence, self.check_heartbeat)
             return
-        self._log.warn("Broker {name} silent for {silence:.0f}s; aborting", name=self._connection_name, silence=silence)
+        self._log.warn("Broker {broker} silent for {silence:.0f}s; aborting", broker=self._connection_name, silence=silence)
         self.transport.abortConnection()
 
     # --- notifications from the delegate ---------------------------------
@@ -316,9 +316,9 @@ class BrokerProtocol(AMQClient):
         """
         self.blocked = reason
         if reason is None:
-            self._log.info("Broker {name} unblocked publishing", name=self._connection_name)
+            self._log.info("Broker {broker} unblocked publishing", broker=self._connection_name)
         else:
-            self._log.warn("Broker {name} blocked publishing: {reason}", name=self._connection_name, reason=reason)
+            self._log.warn("Broker {broker} blocked publishing: {reason}", broker=self._connection_name, reason=reason)
         for observer in list(self.blocked_observers):
             observer(reason)
 

@@ -89,7 +89,7 @@ class OperationsTests(LabTestCase):
         await self.wait_status(lambda d: d["links"][0]["healthy"])
 
     async def test_json_logs(self) -> None:
-        """With --logger=msgmux.logs.json_stdout every event is a JSON object with its fields."""
+        """With --logger=msgmux.logs.json_stdout every event is a flat JSON object: rendered message, level name, fields."""
         from tests.integration.support import control_config
 
         path = control_config(self.lab, self.control_vhost, self.socket_path("tenant-a"), "tenant-a", ROUTES)
@@ -104,10 +104,15 @@ class OperationsTests(LabTestCase):
             await task.deferLater(self.lab.reactor, 0.2, lambda: None)
             waited += 0.2
         events = [json.loads(line) for line in control_half.output.decode().splitlines() if line.strip()]
-        ready = [e for e in events if "channel ready" in e.get("log_format", "")]
-        self.assertEqual(ready[0]["link"], "tenant-a")
-        self.assertEqual(ready[0]["broker"], "control")
-        self.assertTrue(any(e.get("log_namespace") == "msgmux.link.protocol.ControlLinkProtocol" for e in events))
+        for event in events:
+            self.assertIsInstance(event["message"], str)
+            self.assertIn(event["levelname"], ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
+            self.assertEqual(event["process"], control_half.transport.pid)
+            self.assertEqual([key for key in event if key.startswith("log_")], [])
+        ready = [e for e in events if "channel ready" in e["message"]]
+        self.assertRegex(ready[0]["message"], r"^Link tenant-a: control broker channel ready \(\d+ queues consumed\)$")
+        self.assertEqual((ready[0]["link"], ready[0]["broker"], ready[0]["levelname"]), ("tenant-a", "control", "INFO"))
+        self.assertTrue(any(e["name"] == "msgmux.link.protocol.ControlLinkProtocol" for e in events))
 
     async def test_sighup_reload(self) -> None:
         """SIGHUP applies a changed link and a new link; an untouched link keeps its session."""
