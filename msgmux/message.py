@@ -1,13 +1,13 @@
 # -*- test-case-name: tests.test_codec -*-
 """
-A relayed message, as both halves and the link protocol see it.
+A relayed message, apart from any wire: where it goes, its AMQP properties,
+its body and its deadline.
 
-A L{Message} is one AMQP message on its way from one broker to the other:
-what it is in oslo.messaging terms (its address), its AMQP properties, its
-body and, for calls and other messages with an AMQP C{expiration}, the
-moment after which it is useless.  It knows nothing of the link session
-that carries it: the link numbers it in a MSG frame
-(L{msgmux.link.codec.MessageFrame}).  Pure code.
+The link codec, the relays, the policy and the routing all speak of messages;
+only the link frame that carries one adds a sequence number
+(L{msgmux.link.codec.MessageFrame}).  Keeping the two apart means code that
+builds a message never invents a sequence number it does not have.  Pure
+values, no I/O.
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ from typing import Any, Union
 import attrs
 
 __all__ = [
+    "MAX_NAME",
+    "kind_of",
+    "PROPERTY_TYPES",
     "Address",
     "CanaryAddress",
-    "MAX_NAME",
     "Message",
     "NotificationAddress",
-    "PROPERTY_TYPES",
     "ReplyAddress",
     "RpcAddress",
 ]
@@ -91,16 +92,16 @@ class CanaryAddress:
 Address = Union[RpcAddress, NotificationAddress, ReplyAddress, CanaryAddress]
 
 
-@attrs.frozen(slots=True)
+@attrs.frozen
 class Message:
     """
     One relayed AMQP message.
 
-    @ivar address: what the message is, in oslo.messaging terms; each half
-        maps it to its own broker's exchange and routing key.
+    @ivar address: where it goes, in oslo.messaging terms.
     @ivar properties: AMQP basic properties (keys of L{PROPERTY_TYPES}).
-    @ivar deadline: absolute expiry (Unix time) for calls and messages with
-        an AMQP C{expiration}, else L{None}.
+    @ivar body: the AMQP body, opaque here.
+    @ivar deadline: absolute expiry (Unix time) for call requests and other
+        messages with an AMQP expiration, else L{None}.
     """
 
     address: Address

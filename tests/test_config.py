@@ -370,7 +370,7 @@ class ValidConfigTests(ConfigTestCase):
         self.assertEqual(config.control.reply_key, b"0123456789abcdef")
 
 
-class ReplyKeyTests(ConfigTestMixin, SynchronousTestCase):
+class ReplyKeyTests(ConfigTestCase):
     """reply_key_file signs; reply_verify_key_files only verify (key rotation)."""
 
     def keys(self, signing: str | None, verifying: list[str] | str) -> str:

@@ -42,7 +42,7 @@ _KEYWORDS = {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ig
 
 def exported_metrics() -> set[str]:
     """The sample names a msgmux process serves on /metrics, from the collectors themselves."""
-    families = list(MsgmuxCollector([], []).collect()) + list(ProcessCollector(registry=None).collect())
+    families = list(MsgmuxCollector(lambda: [], []).collect()) + list(ProcessCollector(registry=None).collect())
     return {family.name + suffix for family in families for suffix in _SUFFIXES[family.type]}
 
 

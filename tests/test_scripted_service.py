@@ -21,7 +21,6 @@ from typing import Any
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogEvent, LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
-from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from msgmux.amqp.broker import BrokerService

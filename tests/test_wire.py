@@ -23,6 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from msgmux.amqp import wire
 from msgmux.amqp.wire import WireError
 from msgmux.link import codec
+from msgmux.message import Message, RpcAddress
 
 from . import strategies
 
@@ -359,8 +360,10 @@ class RegressionTests(SynchronousTestCase):
                     break
                 table = deeper
             properties = wire.decode_properties(b"\0" * 12 + wire.encode_properties({"headers": table}), 12)
-            payload = codec.encode_message(1, codec.Message(0, codec.RpcAddress(None, "t"), properties, b"{}"))
-            self.assertEqual(codec.decode_frame(payload).properties, properties)  # type: ignore[union-attr]
+            head, body = codec.encode_message(1, Message(RpcAddress(None, "t"), properties, b"{}"))
+            [frame] = codec.FrameDecoder().feed(head + body)
+            assert isinstance(frame, codec.MessageFrame)
+            self.assertEqual(frame.message.properties, properties)
 
     def test_mistyped_properties(self) -> None:
         """Wrongly typed property values raise WireError, not AttributeError."""

@@ -1,40 +1,75 @@
 # -*- test-case-name: tests.test_codec -*-
 """
-The link frame codec: bytes to L{Frame} values and back, with no I/O.
+The link frame codec, protocol version 2: bytes to L{Frame} values and back,
+with no I/O.
 
-A frame on the Unix socket is a 32-bit big-endian length followed by that many
-bytes of CBOR encoding one array whose first element is the frame type.  The
-layout is specified in C{docs/protocol.md}; this module is its reference
-implementation.  Decoding is strict: any deviation (size, CBOR, type, field
-shape) raises L{FrameError} and nothing else, because the bytes come from a
-peer that may be hostile.
+A frame is a 32-bit big-endian length, a frame type byte and a payload (the
+length counts the type byte and the payload).  A MSG payload is a 32-bit head
+length, a small CBOR head (sequence number, address, properties, deadline) and
+the raw body; every other payload is one CBOR array of the frame's fields.
+The layout is specified in C{docs/protocol.md}; this module is its reference
+implementation.
+
+The bytes come from a peer that may be hostile, so work is bounded by bytes
+before any object is built: each frame type has a payload limit, checked as
+soon as the five bytes of length and type are in, before the rest is buffered;
+a MSG head has its own limit (L{MAX_HEAD}) and is the only part of a MSG that
+CBOR decodes, so however its body is made, it costs one copy.  Decoding is
+strict: any deviation (size, CBOR, type, field shape) raises L{FrameError} and
+nothing else.
 """
 
 from __future__ import annotations
 
-import datetime
-import decimal
 import io
-import math
 import struct
 from collections.abc import Mapping
-from typing import Any, Union
+from typing import Any
 
-import attrs
 import cbor2
 
-from msgmux.message import (
-    MAX_NAME,
-    PROPERTY_TYPES,
-    Address,
-    CanaryAddress,
-    Message,
-    NotificationAddress,
-    ReplyAddress,
-    RpcAddress,
+from msgmux.link._frames import (
+    ACK,
+    ACK_BATCH,
+    CLOSE,
+    CREDIT,
+    FIELD_DECODERS,
+    HEARTBEAT,
+    HELLO,
+    KIND_CANARY,
+    KIND_NOTIFICATION,
+    KIND_REPLY,
+    KIND_RPC,
+    MSG,
+    NAMES,
+    REJECT,
+    WELCOME,
+    Ack,
+    Close,
+    Credit,
+    Frame,
+    FrameError,
+    Heartbeat,
+    Hello,
+    MessageFrame,
+    Reject,
+    Welcome,
+    decode_message,
 )
+from msgmux.message import Address, CanaryAddress, Message, NotificationAddress, ReplyAddress, RpcAddress
 
 __all__ = [
+    "ACK_BATCH",
+    "DEFAULT_MAX_BODY",
+    "MAX_ACK_PAYLOAD",
+    "MAX_CLOSE_PAYLOAD",
+    "MAX_CREDIT_PAYLOAD",
+    "MAX_HEAD",
+    "MAX_HEARTBEAT_PAYLOAD",
+    "MAX_HELLO_PAYLOAD",
+    "MAX_REJECT_PAYLOAD",
+    "MAX_WELCOME_PAYLOAD",
+    "PAYLOAD_LIMITS",
     "PROTOCOL_VERSION",
     "Ack",
     "Close",
@@ -44,201 +79,160 @@ __all__ = [
     "FrameError",
     "Heartbeat",
     "Hello",
+    "LegacyFrame",
     "MessageFrame",
-    "NotificationAddress",
     "Reject",
-    "ReplyAddress",
-    "CanaryAddress",
-    "RpcAddress",
     "Welcome",
     "decode_frame",
     "encode",
+    "encode_message",
+    "encode_v1_close",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
-#: Room for everything in a MSG frame that is not the body.
-FRAME_OVERHEAD = 64 * 1024
+#: Largest CBOR head of a MSG frame: address, properties and headers of any
+#: message oslo sends fit many times over, and decoding this much hostile CBOR
+#: costs a few milliseconds at most.
+MAX_HEAD = 16 * 1024
 
-#: Ceiling on one frame's CBOR payload where no smaller one was agreed:
-#: RabbitMQ's own largest message plus envelope room.  The control half
-#: announces its smaller limit for upstream frames in WELCOME.
-DEFAULT_MAX_FRAME = 128 * 1024 * 1024 + FRAME_OVERHEAD
+#: Largest MSG body a decoder accepts where no smaller limit was agreed:
+#: RabbitMQ's own largest message.  The control half announces its smaller
+#: limit in WELCOME.
+DEFAULT_MAX_BODY = 128 * 1024 * 1024
+
+#: Largest payload (bytes after the type byte) of each frame type but MSG,
+#: whose limit is 4 + L{MAX_HEAD} + the decoder's C{max_body}.
+MAX_HELLO_PAYLOAD = 4 * 1024
+MAX_WELCOME_PAYLOAD = 1024 * 1024
+MAX_ACK_PAYLOAD = 4 * 1024
+MAX_REJECT_PAYLOAD = 1024
+MAX_CREDIT_PAYLOAD = 64
+MAX_HEARTBEAT_PAYLOAD = 0
+MAX_CLOSE_PAYLOAD = 4 * 1024
+
+#: The limits above by frame type code.
+PAYLOAD_LIMITS: Mapping[int, int] = {
+    HELLO: MAX_HELLO_PAYLOAD,
+    WELCOME: MAX_WELCOME_PAYLOAD,
+    ACK: MAX_ACK_PAYLOAD,
+    REJECT: MAX_REJECT_PAYLOAD,
+    CREDIT: MAX_CREDIT_PAYLOAD,
+    HEARTBEAT: MAX_HEARTBEAT_PAYLOAD,
+    CLOSE: MAX_CLOSE_PAYLOAD,
+}
 
 _LENGTH = struct.Struct(">I")
+_PREFIX = struct.Struct(">IB")  # length, type
+_MSG_PREFIX = struct.Struct(">IBI")  # length, type, head length
+_MAX_LENGTH = 0xFFFFFFFF
 
-# Frame type codes (first array element).
-HELLO, WELCOME, MSG, ACK, REJECT, CREDIT, HEARTBEAT, CLOSE = range(8)
-
-# Message kinds (third MSG element).
-KIND_RPC, KIND_NOTIFICATION, KIND_REPLY, KIND_CANARY = range(4)
-
-
-# Integer properties and their AMQP widths (octet, octet, timestamp).
-_PROPERTY_BITS = {"delivery_mode": 8, "priority": 8, "timestamp": 64}
+# A version 1 frame's payload was one CBOR array [type, fields...] of one to
+# seven elements, so its first byte is one of these array headers.
+_V1_FIRST_BYTES = range(0x81, 0x88)
 
 
-class FrameError(Exception):
-    """The peer sent bytes that are not a valid frame; the link must close."""
-
-
-# --- frame values ---------------------------------------------------------
-
-
-@attrs.frozen
-class Hello:
+class LegacyFrame(FrameError):
     """
-    Tenant to control, first frame: who I am and what I speak.
-
-    @ivar versions: protocol versions the tenant half supports.
-    @ivar link: the link name it expects to serve, or L{None}.
-    @ivar software: free-form implementation identifier, for logs.
+    The stream starts with a version 1 frame: the peer is a version 1 half.
+    Send it L{encode_v1_close} before closing, so it logs why.
     """
-
-    versions: tuple[int, ...]
-    link: str | None
-    software: str
-
-
-@attrs.frozen
-class Welcome:
-    """
-    Control to tenant, answer to HELLO: the session's terms.
-
-    @ivar routes: what the tenant half must serve, as defined in
-        C{docs/protocol.md} (plain CBOR data; see L{msgmux.routing}).
-    """
-
-    version: int
-    link: str
-    session: str
-    heartbeat: float
-    max_frame: int
-    routes: Mapping[str, Any]
-
-
-@attrs.frozen(slots=True)
-class MessageFrame:
-    """
-    MSG: one relayed message, numbered.
-
-    @ivar seq: per-session, per-direction sequence number, acknowledged by
-        L{Ack} once the destination broker confirmed the publish.
-    """
-
-    seq: int
-    message: Message
-
-
-@attrs.frozen
-class Ack:
-    """The destination broker confirmed these messages; ack them at the source."""
-
-    seqs: tuple[int, ...]
-
-
-@attrs.frozen
-class Reject:
-    """
-    The receiver refused a message for good (policy, limits, malformed
-    content): the sender drops it at its source without requeueing.
-    """
-
-    seq: int
-    reason: str
-
-
-@attrs.frozen
-class Credit:
-    """The receiver accepts C{increment} more messages."""
-
-    increment: int
-
-
-@attrs.frozen
-class Heartbeat:
-    """Sent when a half has sent nothing else for one heartbeat interval."""
-
-
-@attrs.frozen
-class Close:
-    """Last frame before a half closes the socket, saying why."""
-
-    code: str
-    detail: str
-
-
-Frame = Union[Hello, Welcome, MessageFrame, Ack, Reject, Credit, Heartbeat, Close]
 
 
 # --- encoding -------------------------------------------------------------
 
 
 def _address_array(address: Address) -> tuple[int, list[Any]]:
-    if isinstance(address, RpcAddress):
+    if type(address) is RpcAddress:
         return KIND_RPC, [address.exchange, address.topic, address.server, address.fanout]
-    if isinstance(address, NotificationAddress):
+    if type(address) is NotificationAddress:
         return KIND_NOTIFICATION, [address.exchange, address.topic, address.priority]
-    if isinstance(address, CanaryAddress):
+    if type(address) is CanaryAddress:
         return KIND_CANARY, []
-    return KIND_REPLY, [address.queue]
+    if type(address) is ReplyAddress:
+        return KIND_REPLY, [address.queue]
+    raise TypeError(f"not an address: {address!r}")
 
 
-def _frame_array(frame: Frame) -> list[Any]:
-    if isinstance(frame, MessageFrame):
-        message = frame.message
-        kind, address = _address_array(message.address)
-        return [MSG, frame.seq, kind, address, dict(message.properties), message.body, message.deadline]
+def encode_message(seq: int, message: Message) -> tuple[bytes, bytes]:
+    """
+    Encode a MSG frame in two parts, for C{writeSequence}: the body is sent
+    as it is, never copied into a frame.
+
+    @param seq: its sequence number.
+    @param message: the message; its address and properties are trusted
+        (they come from this half's broker or were checked on the way in).
+    @return: the frame's prefix, type, head length and head; then the body.
+    @raise ValueError: if the head exceeds L{MAX_HEAD} or the frame the
+        32-bit length, so the sender can refuse the message as too large.
+    """
+    kind, address = _address_array(message.address)
+    head = cbor2.dumps([seq, kind, address, message.properties, message.deadline], datetime_as_timestamp=True)
+    head_length = len(head)
+    if head_length > MAX_HEAD:
+        raise ValueError(f"MSG head of {head_length} bytes exceeds {MAX_HEAD}")
+    body = message.body
+    length = 5 + head_length + len(body)
+    if length > _MAX_LENGTH:
+        raise ValueError(f"MSG frame of {length} bytes exceeds the 32-bit length")
+    return _MSG_PREFIX.pack(length, MSG, head_length) + head, body
+
+
+def _fields(frame: Frame) -> tuple[int, list[Any]]:
     if isinstance(frame, Ack):
-        return [ACK, list(frame.seqs)]
+        if len(frame.seqs) > ACK_BATCH:
+            raise ValueError(f"ACK of {len(frame.seqs)} sequence numbers exceeds {ACK_BATCH}")
+        return ACK, [list(frame.seqs)]
     if isinstance(frame, Credit):
-        return [CREDIT, frame.increment]
+        return CREDIT, [frame.messages, frame.bytes]
     if isinstance(frame, Reject):
-        return [REJECT, frame.seq, frame.reason]
-    if isinstance(frame, Heartbeat):
-        return [HEARTBEAT]
+        return REJECT, [frame.seq, frame.reason]
     if isinstance(frame, Close):
-        return [CLOSE, frame.code, frame.detail]
+        return CLOSE, [frame.code, frame.detail]
     if isinstance(frame, Hello):
-        return [HELLO, {"versions": list(frame.versions), "link": frame.link, "software": frame.software}]
+        return HELLO, [{"versions": list(frame.versions), "link": frame.link, "software": frame.software}]
     if isinstance(frame, Welcome):
-        return [
-            WELCOME,
-            {
-                "version": frame.version,
-                "link": frame.link,
-                "session": frame.session,
-                "heartbeat": frame.heartbeat,
-                "max_frame": frame.max_frame,
-                "routes": frame.routes,
-            },
-        ]
+        welcome = {
+            "version": frame.version,
+            "link": frame.link,
+            "session": frame.session,
+            "heartbeat": frame.heartbeat,
+            "max_body": frame.max_body,
+            "routes": frame.routes,
+        }
+        return WELCOME, [welcome]
     raise TypeError(f"not a frame: {frame!r}")
 
 
-def encode_message(seq: int, message: Message) -> bytes:
-    """
-    @return: the CBOR payload of C{message} numbered C{seq} (the hot path:
-        no new frame object).
-    """
-    kind, address = _address_array(message.address)
-    return cbor2.dumps([MSG, seq, kind, address, message.properties, message.body, message.deadline], datetime_as_timestamp=True)
-
-
-def encode_payload(frame: Frame) -> bytes:
-    """
-    @param frame: a frame value.
-    @return: its CBOR payload, without the length prefix.
-    """
-    return cbor2.dumps(_frame_array(frame), datetime_as_timestamp=True)
+_HEARTBEAT_FRAME = _PREFIX.pack(1, HEARTBEAT)
 
 
 def encode(frame: Frame) -> bytes:
     """
     @param frame: a frame value.
-    @return: the bytes to write on the socket (length prefix included).
+    @return: the bytes to write on the socket, length prefix included.
+    @raise ValueError: if the frame exceeds its type's payload limit (the
+        peer would refuse it).
+    @raise TypeError: if C{frame} is not a frame.
     """
-    payload = encode_payload(frame)
+    if isinstance(frame, MessageFrame):
+        head, body = encode_message(frame.seq, frame.message)
+        return head + body
+    if isinstance(frame, Heartbeat):
+        return _HEARTBEAT_FRAME
+    code, fields = _fields(frame)
+    payload = cbor2.dumps(fields, datetime_as_timestamp=True)
+    if len(payload) > PAYLOAD_LIMITS[code]:
+        raise ValueError(f"{type(frame).__name__} payload of {len(payload)} bytes exceeds {PAYLOAD_LIMITS[code]}")
+    return _PREFIX.pack(len(payload) + 1, code) + payload
+
+
+def encode_v1_close(code: str, detail: str) -> bytes:
+    """
+    @return: a complete version 1 CLOSE frame, which a version 1 half
+        decodes and logs (instead of a version 2 frame it cannot read).
+    """
+    payload = cbor2.dumps([CLOSE, code, detail])
     return _LENGTH.pack(len(payload)) + payload
 
 
@@ -270,294 +264,190 @@ def _cbor_decoder(stream: io.BytesIO) -> Any:
     )
 
 
-def decode_frame(payload: bytes, decoder: Any = None) -> Frame:
-    """
-    Decode one frame payload (the bytes after the length prefix).
-
-    @param payload: CBOR bytes.
-    @param decoder: a CBOR decoder to reuse (building one with these
-        options costs more than decoding a small frame); L{FrameDecoder}
-        keeps one.  It carries nothing from one frame to the next: shared
-        references, the only CBOR feature with state, are refused.
-    @return: the frame.
-    @raise FrameError: for anything that is not a well-formed frame.
-    """
-    stream = io.BytesIO(payload)
-    try:
-        if decoder is None:
-            decoder = _cbor_decoder(stream)
-        else:
-            decoder.fp = stream
-        array = decoder.decode()
-    except FrameError:
-        raise
-    except Exception as e:  # cbor2 raises CBORDecodeError, MemoryError, OverflowError...
-        raise FrameError(f"bad CBOR: {type(e).__name__}: {e}") from None
-    if stream.tell() != len(payload):
-        raise FrameError("bytes after the frame's CBOR value")
-    if type(array) is not list or not array:
-        raise FrameError("frame is not a non-empty CBOR array")
-    if type(array[0]) is not int:
-        raise FrameError(f"frame type {array[0]!r} is not an unsigned integer"[:200])
-    try:
-        return _DECODERS[array[0]](array)
-    except FrameError:
-        raise
-    except (KeyError, TypeError):
-        raise FrameError(f"unknown frame type {array[0]!r}") from None
+#: C{_point_stream(stream, data)} makes C{stream} read C{data} from its start.
+_point_stream = io.BytesIO.__init__
 
 
-def _expect(condition: bool, what: str) -> None:
-    if not condition:
-        raise FrameError(what)
+def _copy(source: bytes | bytearray, start: int, stop: int) -> bytes:
+    """@return: C{source[start:stop]} as bytes, copied once (a bytearray slice is a copy itself)."""
+    if type(source) is bytes:
+        return source[start:stop]
+    with memoryview(source) as view:
+        return bytes(view[start:stop])
 
 
-def _is_uint(value: object, bits: int = 64) -> bool:
-    return type(value) is int and 0 <= value < (1 << bits)
+# Payload limits by type byte; None for bytes that are no frame type (and for
+# MSG, whose limit depends on the decoder).
+_LIMITS: list[int | None] = [PAYLOAD_LIMITS.get(code) for code in range(256)]
+_LIMITS_WITHOUT_WELCOME = [None if code == WELCOME else limit for code, limit in enumerate(_LIMITS)]
 
-
-def _is_str(value: object) -> bool:
-    return type(value) is str
-
-
-def _optional_str(value: object) -> bool:
-    return value is None or type(value) is str
-
-
-def _fields(array: list[Any], count: int, name: str) -> list[Any]:
-    _expect(len(array) == count, f"{name} frame needs {count - 1} fields, has {len(array) - 1}")
-    return array
-
-
-def _decode_message(array: list[Any]) -> MessageFrame:
-    # The hot path of every relayed message: checks are inline, and error
-    # texts are only built when a check fails.
-    if len(array) != 7:
-        raise FrameError(f"MSG frame needs 6 fields, has {len(array) - 1}")
-    _, seq, kind, address, properties, body, deadline = array
-    if type(seq) is not int or not 0 < seq < 1 << 64:
-        raise FrameError("MSG seq must be a positive integer")
-    if type(address) is not list:
-        raise FrameError("MSG address must be an array")
-    if type(body) is not bytes:
-        raise FrameError("MSG body must be a byte string")
-    if deadline is not None:
-        if type(deadline) is not float and type(deadline) is not int:
-            raise FrameError("MSG deadline must be a number or null")
-        try:
-            deadline = float(deadline)
-        except OverflowError:
-            raise FrameError("MSG deadline out of range") from None
-        if not math.isfinite(deadline):
-            raise FrameError("MSG deadline must be finite")
-    return MessageFrame(seq, Message(_decode_address(kind, address), _decode_properties(properties), body, deadline))
-
-
-# Decoded addresses by their wire form.  Relayed traffic uses a handful of
-# addresses over and over, so this saves building and checking them per
-# message; it is emptied when it grows past a bound (a peer cycling through
-# topics cannot grow it without limit).
-_ADDRESSES: dict[tuple[Any, ...], Address] = {}
-_ADDRESS_CACHE_LIMIT = 4096
-
-
-def _decode_address(kind: object, address: list[Any]) -> Address:
-    if type(kind) is not int:
-        raise FrameError("MSG kind must be an unsigned integer")
-    if kind == KIND_RPC and len(address) == 4 and type(address[3]) is not bool:
-        # Checked before the cache: 0 == False would find a cached address.
-        raise FrameError("bad RPC address: fanout must be a boolean")
-    try:
-        key = (kind, *address)
-        cached = _ADDRESSES.get(key)
-    except TypeError:  # an unhashable element: certainly invalid, checked below
-        key, cached = None, None
-    if cached is not None:
-        return cached
-    decoded = _check_address(kind, address)
-    if key is not None:
-        if len(_ADDRESSES) >= _ADDRESS_CACHE_LIMIT:
-            _ADDRESSES.clear()
-        _ADDRESSES[key] = decoded
-    return decoded
-
-
-
-def _is_name(value: object) -> bool:
-    return type(value) is str and len(value) <= MAX_NAME and len(value.encode("utf-8")) <= MAX_NAME  # type: ignore[attr-defined]
-
-
-def _optional_name(value: object) -> bool:
-    return value is None or _is_name(value)
-
-
-def _check_address(kind: int, address: list[Any]) -> Address:
-    if kind == KIND_RPC and len(address) == 4:
-        exchange, topic, server, fanout = address
-        _expect(_optional_name(exchange) and _is_name(topic) and _optional_name(server), "bad RPC address")
-        _expect(type(fanout) is bool, "bad RPC address: fanout must be a boolean")
-        return RpcAddress(exchange, topic, server, fanout)
-    if kind == KIND_NOTIFICATION and len(address) == 3:
-        exchange, topic, priority = address
-        _expect(_optional_name(exchange) and _is_name(topic) and _is_name(priority), "bad notification address")
-        return NotificationAddress(exchange, topic, priority)
-    if kind == KIND_CANARY and not address:
-        return CanaryAddress()
-    if kind == KIND_REPLY and len(address) == 1:
-        _expect(_optional_name(address[0]), "bad reply address")
-        return ReplyAddress(address[0])
-    raise FrameError(f"bad message kind {kind!r} or address {address!r}"[:200])
-
-
-def _decode_properties(properties: object) -> dict[str, Any]:
-    if type(properties) is not dict:
-        raise FrameError("MSG properties must be a map")
-    for name, value in properties.items():
-        expected = PROPERTY_TYPES.get(name)
-        if expected is None:
-            raise FrameError(f"unknown message property {name!r}"[:200])
-        if type(value) is not expected:
-            raise FrameError(f"message property {name} has the wrong type")
-        bits = _PROPERTY_BITS.get(name)
-        if bits is not None and not 0 <= value < 1 << bits:
-            raise FrameError(f"message property {name} is out of range")
-    headers = properties.get("headers")
-    if headers:
-        _check_header_table(headers)
-    return properties
-
-
-_HEADER_SCALARS = (str, bytes, int, float, bool, decimal.Decimal, datetime.datetime, type(None))
-
-
-def _check_header_table(table: dict[Any, Any]) -> None:
-    for key, value in table.items():
-        _expect(type(key) is str, "header names must be text")
-        _check_header_value(value)
-
-
-def _check_header_value(value: object) -> None:
-    if type(value) is dict:
-        _check_header_table(value)  # type: ignore[arg-type]
-    elif type(value) is list:
-        for item in value:  # type: ignore[attr-defined]
-            _check_header_value(item)
-    else:
-        _expect(type(value) in _HEADER_SCALARS, f"header value of type {type(value).__name__} not allowed")
-
-
-def _decode_ack(array: list[Any]) -> Ack:
-    _, seqs = _fields(array, 2, "ACK")
-    _expect(type(seqs) is list and all(_is_uint(s) and s > 0 for s in seqs), "ACK needs an array of sequence numbers")
-    return Ack(tuple(seqs))
-
-
-def _decode_reject(array: list[Any]) -> Reject:
-    _, seq, reason = _fields(array, 3, "REJECT")
-    _expect(_is_uint(seq) and seq > 0 and _is_str(reason), "REJECT needs a sequence number and a reason")
-    return Reject(seq, reason)
-
-
-def _decode_credit(array: list[Any]) -> Credit:
-    _, increment = _fields(array, 2, "CREDIT")
-    _expect(_is_uint(increment, 32), "CREDIT needs a non-negative 32-bit increment")
-    return Credit(increment)
-
-
-def _decode_heartbeat(array: list[Any]) -> Heartbeat:
-    _fields(array, 1, "HEARTBEAT")
-    return Heartbeat()
-
-
-def _decode_close(array: list[Any]) -> Close:
-    _, code, detail = _fields(array, 3, "CLOSE")
-    _expect(_is_str(code) and _is_str(detail), "CLOSE needs a code and a detail")
-    return Close(code, detail)
-
-
-def _decode_hello(array: list[Any]) -> Hello:
-    _, body = _fields(array, 2, "HELLO")
-    _expect(type(body) is dict, "HELLO body must be a map")
-    versions = body.get("versions")
-    _expect(type(versions) is list and all(_is_uint(v, 16) for v in versions), "HELLO versions must be integers")
-    _expect(_optional_str(body.get("link")) and _is_str(body.get("software", "")), "HELLO link/software must be text")
-    return Hello(tuple(versions), body.get("link"), body.get("software", ""))
-
-
-def _decode_welcome(array: list[Any]) -> Welcome:
-    _, body = _fields(array, 2, "WELCOME")
-    _expect(type(body) is dict, "WELCOME body must be a map")
-    try:
-        welcome = Welcome(
-            version=body["version"],
-            link=body["link"],
-            session=body["session"],
-            heartbeat=body["heartbeat"],
-            max_frame=body["max_frame"],
-            routes=body["routes"],
-        )
-    except (KeyError, TypeError, ValueError):
-        raise FrameError("WELCOME lacks a field or has a mistyped one") from None
-    _expect(_is_uint(welcome.version, 16) and _is_str(welcome.link) and _is_str(welcome.session), "bad WELCOME")
-    _expect(type(welcome.heartbeat) in (int, float), "WELCOME heartbeat must be a number")
-    _expect(_is_uint(welcome.max_frame, 32) and 0 < welcome.heartbeat < math.inf, "bad WELCOME limits")
-    welcome = attrs.evolve(welcome, heartbeat=float(welcome.heartbeat))
-    _expect(type(welcome.routes) is dict, "WELCOME routes must be a map")
-    return welcome
-
-
-_DECODERS = {
-    HELLO: _decode_hello,
-    WELCOME: _decode_welcome,
-    MSG: _decode_message,
-    ACK: _decode_ack,
-    REJECT: _decode_reject,
-    CREDIT: _decode_credit,
-    HEARTBEAT: _decode_heartbeat,
-    CLOSE: _decode_close,
-}
+_HEARTBEAT = Heartbeat()
 
 
 class FrameDecoder:
     """
     Incremental decoder: feed it socket bytes in any pieces, get frames.
 
-    After it raised L{FrameError} it is broken for good; the protocol closes
-    the link.
+    Sizes are checked as soon as a frame's length and type are in (and a MSG's
+    head length), before the rest of the frame is buffered.  After it raised
+    L{FrameError} it is broken for good (and the frames decoded in the same
+    call are dropped); the protocol closes the link.
 
-    @ivar max_frame: largest accepted payload; a larger length prefix is an
-        error before any of the payload is buffered.
+    @ivar max_body: largest accepted MSG body.  The control half sets it to 0
+        until the handshake completes, so that no MSG body is buffered before.
     """
 
-    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
-        self.max_frame = max_frame
+    def __init__(self, max_body: int = DEFAULT_MAX_BODY, *, accept_welcome: bool = True) -> None:
+        """
+        @param max_body: the initial L{max_body}.
+        @param accept_welcome: whether WELCOME frames are decoded.  The
+            control half, which never receives one, passes C{False}: a
+            tenant half could otherwise make it decode a megabyte of CBOR
+            (L{MAX_WELCOME_PAYLOAD}) per connection before the protocol
+            refuses the frame.
+        """
+        self.max_body = max_body
+        self._limits = _LIMITS if accept_welcome else _LIMITS_WITHOUT_WELCOME
         self._buffer = bytearray()
-        self._cbor = _cbor_decoder(io.BytesIO())
-
-    def feed(self, data: bytes) -> list[Frame]:
-        """
-        @param data: the next bytes from the socket.
-        @return: the frames completed by them, in order.
-        @raise FrameError: when the stream is not valid.
-        """
-        buffer = self._buffer
-        buffer += data
-        frames = []
-        offset = 0
-        end = len(buffer)
-        while end - offset >= 4:
-            (length,) = _LENGTH.unpack_from(buffer, offset)
-            if length > self.max_frame:
-                raise FrameError(f"frame of {length} bytes exceeds the limit of {self.max_frame}")
-            if end - offset - 4 < length:
-                break
-            start = offset + 4
-            offset = start + length
-            frames.append(decode_frame(bytes(buffer[start:offset]), self._cbor))
-        del buffer[:offset]
-        return frames
+        # One CBOR decoder and stream for every frame: building a decoder
+        # with these options, or even pointing it at a new stream, costs
+        # more than decoding a small head.  Re-initialising the stream points
+        # it at the next bytes without copying them.  Nothing carries over
+        # from one frame to the next: shared references, the only CBOR
+        # feature with state, are refused.
+        self._stream = io.BytesIO()
+        self._cbor = _cbor_decoder(self._stream)
+        self._started = False
+        self._failed = False
 
     @property
     def pending(self) -> int:
         """Bytes received that do not yet make a whole frame."""
         return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[Frame]:
+        """
+        @param data: the next bytes from the socket.
+        @return: the frames completed by them, in order.
+        @raise FrameError: when the stream is not valid; L{LegacyFrame} when
+            it starts with a version 1 frame.
+        """
+        if self._failed:
+            raise FrameError("the stream already failed")
+        buffer = self._buffer
+        if buffer or type(data) is not bytes:
+            # A frame began in an earlier read: continue it in the buffer.
+            buffer += data
+            source: bytes | bytearray = buffer
+        else:
+            # The usual case, a read that starts with a frame: decode from it
+            # directly, buffering only the start of a frame not yet whole.
+            source = data
+        frames: list[Frame] = []
+        try:
+            offset = self._decode(source, frames)
+        except FrameError:
+            self._failed = True
+            raise
+        except Exception as e:  # a check that failed in an unforeseen way: still the peer's bytes
+            self._failed = True
+            raise FrameError(f"undecodable frame: {type(e).__name__}: {e}"[:300]) from None
+        if source is buffer:
+            del buffer[:offset]
+        elif offset < len(source):
+            buffer += memoryview(source)[offset:]
+        if frames:
+            self._started = True
+        return frames
+
+    def _decode(self, source: bytes | bytearray, frames: list[Frame]) -> int:
+        """
+        @param source: bytes from the start of a frame on.
+        @param frames: where to append the whole frames in C{source}.
+        @return: where the first frame not yet whole starts.
+        """
+        whole = type(source) is bytes  # whose slices are copied once, not twice
+        end = len(source)
+        offset = 0
+        while end - offset >= 5:
+            length, code = _PREFIX.unpack_from(source, offset)
+            frame_end = offset + 4 + length
+            if code == MSG:
+                max_body = self.max_body
+                if not 5 <= length <= 5 + MAX_HEAD + max_body:
+                    raise FrameError(f"MSG frame of {length} bytes outside 5..{5 + MAX_HEAD + max_body}")
+                if end - offset < 9:
+                    break
+                head_start = offset + 9
+                body_start = head_start + _LENGTH.unpack_from(source, offset + 5)[0]
+                if not head_start < body_start <= head_start + MAX_HEAD or body_start > frame_end:
+                    raise FrameError(f"MSG head of {body_start - head_start} bytes outside 1..{MAX_HEAD} or the frame")
+                if frame_end - body_start > max_body:
+                    raise FrameError(f"MSG body of {frame_end - body_start} bytes exceeds {max_body}")
+                if end < frame_end:
+                    break
+                if whole:
+                    head = self._decode_cbor(source[head_start:body_start])  # type: ignore[arg-type]
+                    body = source[body_start:frame_end]
+                else:
+                    head = self._decode_cbor(_copy(source, head_start, body_start))
+                    body = _copy(source, body_start, frame_end)
+                frames.append(decode_message(head, body))  # type: ignore[arg-type]
+            else:
+                limit = self._limits[code]
+                if limit is None:
+                    raise self._unknown_type(code, first=offset == 0 and not self._started)
+                if not 1 <= length <= limit + 1:
+                    raise FrameError(f"frame of type {code} and {length} bytes outside 1..{limit + 1}")
+                if end < frame_end:
+                    break
+                frames.append(self._decode_fields(code, _copy(source, offset + 5, frame_end)))
+            offset = frame_end
+        return offset
+
+    def _unknown_type(self, code: int, first: bool) -> FrameError:
+        if first and code in _V1_FIRST_BYTES:
+            return LegacyFrame("a version 1 frame: the peer speaks link protocol version 1")
+        if code in NAMES:
+            return FrameError(f"{NAMES[code]} frames are not accepted here")
+        return FrameError(f"unknown frame type {code}")
+
+    def _decode_cbor(self, data: bytes) -> Any:
+        """@return: the one CBOR value that is all of C{data}."""
+        _point_stream(self._stream, data)
+        try:
+            value = self._cbor.decode()
+        except FrameError:
+            raise
+        except Exception as e:  # CBORDecodeError, MemoryError, OverflowError, RecursionError...
+            raise FrameError(f"bad CBOR: {type(e).__name__}: {e}"[:300]) from None
+        if self._stream.tell() != len(data):
+            raise FrameError("bytes after the CBOR value")
+        return value
+
+    def _decode_fields(self, code: int, payload: bytes) -> Frame:
+        if code == HEARTBEAT:
+            return _HEARTBEAT
+        fields = self._decode_cbor(payload)
+        decoder, count = FIELD_DECODERS[code]
+        if type(fields) is not list or len(fields) != count:
+            raise FrameError(f"{NAMES[code]} payload must be an array of {count} fields")
+        return decoder(fields)
+
+
+def decode_frame(code: int, payload: bytes, max_body: int = DEFAULT_MAX_BODY) -> Frame:
+    """
+    Decode one frame from its type and payload, with every check
+    L{FrameDecoder} makes (for tests and tools).
+
+    @param code: the frame type byte.
+    @param payload: the bytes after it.
+    @raise FrameError: for anything that is not one well-formed frame.
+    """
+    if not 0 <= code <= 255 or len(payload) >= _MAX_LENGTH:
+        raise FrameError("no such frame")
+    decoder = FrameDecoder(max_body)
+    frames = decoder.feed(_PREFIX.pack(len(payload) + 1, code) + payload)
+    if decoder.pending:
+        raise FrameError("incomplete frame")
+    return frames[0]

@@ -68,6 +68,9 @@ class ControlLinkProtocol(LinkProtocol):
             for the (rate-limited) connection log.
         """
         super().__init__(clock, heartbeat, max_body)
+        # The control half never takes a WELCOME: a tenant could otherwise
+        # make it decode a megabyte of them on every new connection.
+        self.decoder = codec.FrameDecoder(0, accept_welcome=False)
         self.link_name = link_name
         self._routes = routes
         self._attach = attach

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import re
 
-from lab.hostile import RawTenant, connect_raw
 from twisted.internet import task
 
 from lab import attacks
 from lab.bench import rss_bytes
+from lab.hostile import RawTenant, connect_raw
 from tests.integration.support import LabTestCase, fetch_metrics, tenant_config
 
 #: The control half's resident memory must stay below this during the attacks.

@@ -17,12 +17,12 @@ from typing import Any
 
 from twisted.internet import defer, reactor, task
 
+from lab.hostile import BrokerProbe, connect_raw, oslo_body
 from msgmux.config import load
 from msgmux.control import IDENTITY_HEADER
 from msgmux.link import codec
 from msgmux.link.codec import NotificationAddress, ReplyAddress, RpcAddress
 from msgmux.service import ControlHalf
-from tests.integration.hostile import BrokerProbe, connect_raw, oslo_body
 from tests.integration.support import LabTestCase, control_config
 
 ROUTES = """

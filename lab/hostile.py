@@ -1,6 +1,8 @@
 """
 Test doubles with real sockets: a hostile tenant half that speaks the link
 protocol frame by frame, and a probe that watches what reaches a broker.
+The trust and availability tests use them, and so do C{lab.attacks} and
+C{make bench}.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from msgmux.amqp.broker import BrokerService
 from msgmux.amqp.channel import Channel, Delivery
 from msgmux.config import BrokerConfig, parse_transport_url
 from msgmux.link import codec
+from msgmux.message import Address, Message
 
 
 class RawTenant(Protocol):
@@ -56,17 +59,26 @@ class RawTenant(Protocol):
     def send_raw(self, data: bytes) -> None:
         self.transport.write(data)
 
-    def send_message(self, address: codec.Address, body: bytes, properties: dict[str, Any] | None = None) -> int:
-        """Send the next MSG; @return: its sequence number."""
+    def send_message(self, address: Address, body: bytes, properties: dict[str, Any] | None = None) -> int:
+        """
+        Send a MSG numbered after the previous one (whatever the credit).
+
+        @return: its sequence number.
+        """
         seq = self.next_seq
         self.next_seq += 1
         props = {"content_type": "application/json", "content_encoding": "utf-8"}
         props.update(properties or {})
-        self.send(codec.Message(seq, address, props, body))
+        self.transport.writeSequence(codec.encode_message(seq, Message(address, props, body)))
         return seq
 
     def credit(self) -> int:
-        return sum(f.increment for f in self.frames if isinstance(f, codec.Credit))
+        """@return: the message credit granted so far."""
+        return sum(f.messages for f in self.frames if isinstance(f, codec.Credit))
+
+    def byte_credit(self) -> int:
+        """@return: the body byte credit granted so far."""
+        return sum(f.bytes for f in self.frames if isinstance(f, codec.Credit))
 
     def outcome(self, seq: int) -> str | None:
         """C{"ack"}, the REJECT reason, or L{None} while undecided."""
