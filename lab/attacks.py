@@ -52,12 +52,23 @@ async def header_bomb(reactor: Any, socket: str, link: str, size: int = 8_400_00
 
     @return: the attacker, closed by the control half.
     """
+    head = hostile_head(size)
     tenant = await connect_raw(reactor, socket, link)
-    headers = {"h": [[]] * size}
-    head = cbor2.dumps([tenant.next_seq, codec.KIND_RPC, [None, "q-reports", None, False], dict(OSLO_PROPERTIES, headers=headers), None])
     tenant.send_raw(struct.pack(">IBI", 1 + 4 + len(head), codec.MSG, len(head)) + head)
     await tenant.wait_for(lambda: tenant.closed.called)
     return tenant
+
+
+def hostile_head(items: int, seq: int = 1) -> bytes:
+    """
+    The CBOR head of a MSG whose one header holds C{items} empty arrays
+    (one byte each): the cheapest bytes to send and among the dearest to
+    decode.
+    """
+    marker = "HEADER-VALUE"
+    head = cbor2.dumps([seq, codec.KIND_RPC, [None, "q-reports", None, False], dict(OSLO_PROPERTIES, headers={"h": marker}), None])
+    array = (b"\x9a" + struct.pack(">I", items) if items > 0xFFFF else b"\x99" + struct.pack(">H", items)) + b"\x80" * items
+    return head.replace(cbor2.dumps(marker), array)
 
 
 def bomb_body(method: str, size: int) -> bytes:
@@ -128,6 +139,7 @@ async def repeated_final_replies(tenant: RawTenant, copies: int = 5) -> list[int
 
     @return: the sequence numbers of the replies.
     """
+    tenant.send(codec.Credit(10, 1 << 20))  # let the control half send the call down
     await tenant.wait_for(lambda: any(isinstance(f, codec.MessageFrame) for f in tenant.frames), timeout=30)
     request = next(f for f in tenant.frames if isinstance(f, codec.MessageFrame))
     token = json.loads(json.loads(request.message.body)["oslo.message"])["_msg_id"]

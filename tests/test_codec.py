@@ -202,7 +202,7 @@ class StreamTests(SynchronousTestCase):
         One decoder decodes large and small CBOR one after the other, and
         still finds bytes after a value: nothing of one frame stays for the next.
         """
-        big = MessageFrame(1, Message(CanaryAddress(), {"headers": {"h": "x" * 10000}}, b"1"))
+        big = MessageFrame(1, Message(CanaryAddress(), {"headers": {"h": "x" * 8000}}, b"1"))
         small = MessageFrame(2, Message(CanaryAddress(), {}, b"2"))
         decoder = FrameDecoder()
         self.assertEqual(decoder.feed(encode(big) + encode(small) + encode(codec.Close("a", "b"))), [big, small, codec.Close("a", "b")])
@@ -253,7 +253,7 @@ class LimitTests(SynchronousTestCase):
         """The limits are the documented ones, and a full ACK batch fits its limit."""
         limits = {HELLO: 4096, WELCOME: 1 << 20, ACK: 4096, REJECT: 1024, CREDIT: 64, HEARTBEAT: 0, CLOSE: 4096}
         self.assertEqual(dict(codec.PAYLOAD_LIMITS), limits)
-        self.assertEqual((codec.MAX_HEAD, codec.DEFAULT_MAX_BODY, codec.ACK_BATCH), (16384, 128 << 20, 256))
+        self.assertEqual((codec.MAX_HEAD, codec.DEFAULT_MAX_BODY, codec.ACK_BATCH), (8192, 128 << 20, 256))
         largest = encode(codec.Ack(tuple(range((1 << 64) - 256, 1 << 64))))
         self.assertLessEqual(len(largest) - 5, codec.MAX_ACK_PAYLOAD)
         self.assertLessEqual(len(encode(codec.Credit((1 << 32) - 1, (1 << 64) - 1))) - 5, codec.MAX_CREDIT_PAYLOAD)
@@ -658,3 +658,26 @@ class RefusalTests(SynchronousTestCase):
         for payload in (b"\x82\x06", b"\x5a\xff\xff\xff\xff", b"\x1c", b"\xff", b"\x9b" + b"\xff" * 8):
             self.assert_refused(CLOSE, payload, payload)
             self.assert_refused(MSG, _msg_payload(payload), payload)
+
+
+class DeferredHeadTests(SynchronousTestCase):
+    """
+    With C{heads=False} the decoder checks a MSG's sizes and leaves its head
+    for later (the protocol decodes heads as its per-turn budget allows).
+    """
+
+    def test_same_frames_later(self) -> None:
+        """Deferred heads decode to the frames an eager decoder gives."""
+        frames = [MessageFrame(seq, Message(CanaryAddress(), {"headers": {"n": seq}}, b"x" * seq)) for seq in (1, 2)]
+        data = b"".join(encode(frame) for frame in frames) + encode(codec.Heartbeat())
+        decoder = FrameDecoder()
+        pending = decoder.feed(data, heads=False)
+        self.assertEqual([type(p).__name__ for p in pending], ["UndecodedMessage", "UndecodedMessage", "Heartbeat"])
+        self.assertEqual([decoder.decode_head(p) for p in pending[:2]], frames)
+
+    def test_bad_head_breaks_the_decoder(self) -> None:
+        """A head that does not decode raises FrameError when it is decoded, and the decoder is broken from then on."""
+        decoder = FrameDecoder()
+        [pending] = decoder.feed(_frame(MSG, _msg_payload(b"\xff", b"")), heads=False)
+        self.assertRaises(FrameError, decoder.decode_head, pending)
+        self.assertRaises(FrameError, decoder.feed, encode(codec.Heartbeat()))

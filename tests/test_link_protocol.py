@@ -409,6 +409,26 @@ class ViolationTests(SynchronousTestCase):
         self.assertEqual(len(handler.received), 2 * FRAMES_PER_TURN + 1)
         self.assertEqual(transport.producerState, "producing")
 
+    def test_one_turn_decodes_a_bounded_number_of_head_bytes(self) -> None:
+        """
+        Heads are decoded as the turn's budget allows: two heads of 6 KiB
+        take two turns, while small ones share one.
+        """
+        clock = Clock()
+        handler = RecordingHandler()
+        control, transport = established(clock, handler)
+        control.receiving.grant(1000, 1000)
+        big = {"headers": {"h": "x" * 6000}}
+        data = b"".join(codec.encode(MessageFrame(seq, Message(RpcAddress(None, "t"), big, b""))) for seq in (1, 2))
+        control.dataReceived(data + msg(3) + msg(4))
+        self.assertEqual([seq for seq, _ in handler.received], [1])
+        self.assertEqual(transport.producerState, "paused")
+        calls = clock.getDelayedCalls()
+        backlog = [c for c in calls if c.getTime() == clock.seconds()]
+        self.assertEqual(len(backlog), 1)
+        backlog[0].func(*backlog[0].args, **backlog[0].kw)  # the next turn, alone
+        self.assertEqual([seq for seq, _ in handler.received], [1, 2, 3, 4])
+
     def test_slow_reader(self) -> None:
         """A peer that leaves more than MAX_UNREAD_OUTPUT of our output unread is disconnected with slow-reader."""
         clock = Clock()

@@ -82,6 +82,7 @@ __all__ = [
     "LegacyFrame",
     "MessageFrame",
     "Reject",
+    "UndecodedMessage",
     "Welcome",
     "decode_frame",
     "encode",
@@ -92,9 +93,10 @@ __all__ = [
 PROTOCOL_VERSION = 2
 
 #: Largest CBOR head of a MSG frame: address, properties and headers of any
-#: message oslo sends fit many times over, and decoding this much hostile CBOR
-#: costs a few milliseconds at most.
-MAX_HEAD = 16 * 1024
+#: message oslo sends fit many times over (oslo sets no headers; RabbitMQ's
+#: own, such as x-death, take a few hundred bytes), and decoding this much
+#: hostile CBOR costs about 2.5 ms at worst.
+MAX_HEAD = 8 * 1024
 
 #: Largest MSG body a decoder accepts where no smaller limit was agreed:
 #: RabbitMQ's own largest message.  The control half announces its smaller
@@ -284,6 +286,21 @@ _LIMITS_WITHOUT_WELCOME = [None if code == WELCOME else limit for code, limit in
 _HEARTBEAT = Heartbeat()
 
 
+class UndecodedMessage:
+    """
+    A MSG frame whose sizes were checked but whose head is not decoded yet
+    (L{FrameDecoder.feed} with C{heads=False}): decoding a head is the one
+    part of a frame whose cost depends on what the peer put in it, so the
+    protocol decides when to spend it (L{FrameDecoder.decode_head}).
+    """
+
+    __slots__ = ("head", "body")
+
+    def __init__(self, head: bytes, body: bytes) -> None:
+        self.head = head
+        self.body = body
+
+
 class FrameDecoder:
     """
     Incremental decoder: feed it socket bytes in any pieces, get frames.
@@ -325,9 +342,11 @@ class FrameDecoder:
         """Bytes received that do not yet make a whole frame."""
         return len(self._buffer)
 
-    def feed(self, data: bytes) -> list[Frame]:
+    def feed(self, data: bytes, heads: bool = True) -> list[Any]:
         """
         @param data: the next bytes from the socket.
+        @param heads: whether to decode MSG heads now; with C{False}, MSG
+            frames come back as L{UndecodedMessage}s for L{decode_head}.
         @return: the frames completed by them, in order.
         @raise FrameError: when the stream is not valid; L{LegacyFrame} when
             it starts with a version 1 frame.
@@ -343,9 +362,9 @@ class FrameDecoder:
             # The usual case, a read that starts with a frame: decode from it
             # directly, buffering only the start of a frame not yet whole.
             source = data
-        frames: list[Frame] = []
+        frames: list[Any] = []
         try:
-            offset = self._decode(source, frames)
+            offset = self._decode(source, frames, heads)
         except FrameError:
             self._failed = True
             raise
@@ -360,10 +379,11 @@ class FrameDecoder:
             self._started = True
         return frames
 
-    def _decode(self, source: bytes | bytearray, frames: list[Frame]) -> int:
+    def _decode(self, source: bytes | bytearray, frames: list[Any], heads: bool) -> int:
         """
         @param source: bytes from the start of a frame on.
         @param frames: where to append the whole frames in C{source}.
+        @param heads: whether to decode MSG heads (else L{UndecodedMessage}).
         @return: where the first frame not yet whole starts.
         """
         whole = type(source) is bytes  # whose slices are copied once, not twice
@@ -387,12 +407,15 @@ class FrameDecoder:
                 if end < frame_end:
                     break
                 if whole:
-                    head = self._decode_cbor(source[head_start:body_start])  # type: ignore[arg-type]
+                    head_bytes = source[head_start:body_start]
                     body = source[body_start:frame_end]
                 else:
-                    head = self._decode_cbor(_copy(source, head_start, body_start))
+                    head_bytes = _copy(source, head_start, body_start)
                     body = _copy(source, body_start, frame_end)
-                frames.append(decode_message(head, body))  # type: ignore[arg-type]
+                if heads:
+                    frames.append(decode_message(self._decode_cbor(head_bytes), body))  # type: ignore[arg-type]
+                else:
+                    frames.append(UndecodedMessage(head_bytes, body))  # type: ignore[arg-type]
             else:
                 limit = self._limits[code]
                 if limit is None:
@@ -404,6 +427,22 @@ class FrameDecoder:
                 frames.append(self._decode_fields(code, _copy(source, offset + 5, frame_end)))
             offset = frame_end
         return offset
+
+    def decode_head(self, message: UndecodedMessage) -> MessageFrame:
+        """
+        Decode the head of a MSG that L{feed} left undecoded.
+
+        @raise FrameError: when the head is not valid; the decoder is then
+            broken for good, as after any other bad frame.
+        """
+        try:
+            return decode_message(self._decode_cbor(message.head), message.body)
+        except FrameError:
+            self._failed = True
+            raise
+        except Exception as e:
+            self._failed = True
+            raise FrameError(f"undecodable frame: {type(e).__name__}: {e}"[:300]) from None
 
     def _unknown_type(self, code: int, first: bool) -> FrameError:
         if first and code in _V1_FIRST_BYTES:

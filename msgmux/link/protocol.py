@@ -32,7 +32,7 @@ from twisted.python.failure import Failure
 
 from msgmux._writethrough import Writer
 from msgmux.link import codec
-from msgmux.link.codec import Ack, Close, Credit, Frame, FrameError, Heartbeat, MessageFrame, Reject
+from msgmux.link.codec import Ack, Close, Credit, Frame, FrameError, Heartbeat, MessageFrame, Reject, UndecodedMessage
 from msgmux.link.flow import ProtocolViolation, ReceiveWindow, SendWindow
 from msgmux.link.interfaces import LinkConnection, MessageTooLarge, SessionHandler
 from msgmux.message import Message
@@ -74,10 +74,13 @@ ACK_TIMEOUT = 300.0
 IDLE_FRAME_RATE = 50.0
 IDLE_FRAME_BURST = 500
 
-#: Frames handled per connection in one turn of the reactor; the rest wait
-#: for the next turn, with reading paused, so that one busy connection
+#: Frames handled per connection in one turn of the reactor, and MSG head
+#: bytes decoded (what a head costs to decode depends on what the peer put
+#: in it: a few milliseconds for a largest head of the worst kind); the rest
+#: wait for the next turn, with reading paused, so that one busy connection
 #: cannot hold the reactor while others wait.
 FRAMES_PER_TURN = 64
+HEAD_BYTES_PER_TURN = codec.MAX_HEAD
 
 #: Body bytes we keep sent and unacknowledged at most, whatever credit the
 #: peer grants: it bounds what a peer that never reads can make us buffer.
@@ -136,7 +139,7 @@ class LinkProtocol(TwistedProtocol):
         self._idle_frames = TokenBucket(IDLE_FRAME_RATE, IDLE_FRAME_BURST, clock)
         self._pending_acks: list[int] = []
         self._pending_credit = (0, 0)
-        self._backlog: list[Frame] = []
+        self._backlog: list[Frame | UndecodedMessage] = []
         self._reading_paused = False
         self._unread_output: int | None = None  # counting while the peer does not read
         self._last_received = 0.0
@@ -291,7 +294,7 @@ class LinkProtocol(TwistedProtocol):
         if self.state in (LinkState.CLOSING, LinkState.CLOSED):
             return
         try:
-            frames = self.decoder.feed(data)
+            frames = self.decoder.feed(data, heads=False)
         except codec.LegacyFrame:
             self._legacy_peer()
             return
@@ -305,14 +308,26 @@ class LinkProtocol(TwistedProtocol):
         self._handle_backlog()
 
     def _handle_backlog(self) -> None:
-        """Handle up to L{FRAMES_PER_TURN} frames; leave the rest for the next turn."""
+        """
+        Handle up to L{FRAMES_PER_TURN} frames, with heads of up to
+        L{HEAD_BYTES_PER_TURN} bytes to decode; leave the rest for the next
+        turn, and read no more meanwhile.
+        """
         backlog = self._backlog
-        count = min(len(backlog), FRAMES_PER_TURN)
+        done = 0
+        head_bytes = 0
         try:
-            for index in range(count):
+            while done < len(backlog) and done < FRAMES_PER_TURN:
                 if self.state not in (LinkState.HANDSHAKE, LinkState.OPEN):
+                    backlog.clear()
                     return
-                frame = backlog[index]
+                frame = backlog[done]
+                if type(frame) is UndecodedMessage:
+                    if head_bytes and head_bytes + len(frame.head) > HEAD_BYTES_PER_TURN:
+                        break  # it goes first next turn
+                    head_bytes += len(frame.head)
+                    frame = self.decoder.decode_head(frame)
+                done += 1
                 if type(frame) is MessageFrame and self.state is LinkState.OPEN:
                     self._message(frame)  # the common case, without the lookup
                     continue
@@ -320,11 +335,15 @@ class LinkProtocol(TwistedProtocol):
                 if handler is None:
                     handler = self._handshake_handler(frame)
                 handler(frame)
+        except FrameError as e:
+            backlog.clear()
+            self._violation("bad-frame", str(e))
+            return
         except ProtocolViolation as e:
+            backlog.clear()
             self._violation(e.code, e.detail)
             return
-        finally:
-            del backlog[:count]
+        del backlog[:done]
         if backlog and self.state in (LinkState.HANDSHAKE, LinkState.OPEN):
             if not self._reading_paused:
                 self._reading_paused = True

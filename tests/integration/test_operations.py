@@ -112,7 +112,7 @@ class OperationsTests(LabTestCase):
         ready = [e for e in events if "channel ready" in e["message"]]
         self.assertRegex(ready[0]["message"], r"^Link tenant-a: control broker channel ready \(\d+ queues consumed\)$")
         self.assertEqual((ready[0]["link"], ready[0]["broker"], ready[0]["levelname"]), ("tenant-a", "control", "INFO"))
-        self.assertTrue(any(e["name"] == "msgmux.link.protocol.ControlLinkProtocol" for e in events))
+        self.assertTrue(any(e["name"] == "msgmux.link.handshake.ControlLinkProtocol" for e in events))
 
     async def test_sighup_reload(self) -> None:
         """SIGHUP applies a changed link and a new link; an untouched link keeps its session."""

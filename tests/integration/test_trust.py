@@ -21,7 +21,7 @@ from lab.hostile import BrokerProbe, connect_raw, oslo_body
 from msgmux.config import load
 from msgmux.control import IDENTITY_HEADER
 from msgmux.link import codec
-from msgmux.link.codec import NotificationAddress, ReplyAddress, RpcAddress
+from msgmux.message import Message, NotificationAddress, ReplyAddress, RpcAddress
 from msgmux.service import ControlHalf
 from tests.integration.support import LabTestCase, control_config
 
@@ -35,8 +35,8 @@ REPORT = oslo_body({"method": "report_state", "args": {"agent": "a1"}, "_unique_
 
 
 class TrustTests(LabTestCase):
-    async def _start(self, limits: str = "", routes: str = ROUTES) -> tuple[ControlHalf, Any, BrokerProbe]:
-        path = control_config(self.lab, self.control_vhost, self.socket_path("tenant-a"), "tenant-a", routes, limits)
+    async def _start(self, limits: str = "", routes: str = ROUTES, extra: str = "") -> tuple[ControlHalf, Any, BrokerProbe]:
+        path = control_config(self.lab, self.control_vhost, self.socket_path("tenant-a"), "tenant-a", routes, limits, extra)
         control = load(path).control
         assert control is not None
         half = ControlHalf(control, reactor)
@@ -210,11 +210,23 @@ class TrustTests(LabTestCase):
         self.assertFalse(link.healthy())
 
     async def test_size_and_inflight_limits(self) -> None:
-        """Messages over max_message_size and calls over max_inflight_calls are refused and counted."""
+        """
+        A message over max_message_size (announced in WELCOME, which a real
+        tenant half keeps to) ends the session before its body is buffered;
+        calls over max_inflight_calls are refused and counted.
+        """
         half, link, probe = await self._start("max_message_size = 4096\nmax_inflight_calls = 2")
         tenant = await connect_raw(reactor, self.socket_path("tenant-a"))
+        welcome = next(f for f in tenant.frames if isinstance(f, codec.Welcome))
+        self.assertEqual(welcome.max_body, 4096)
         big = oslo_body({"method": "report_state", "args": {"blob": "x" * 5000}})
-        self.assertEqual(await tenant.wait_outcome(tenant.send_message(RpcAddress(None, "q-reports"), big)), "too-large")
+        tenant.send_message(RpcAddress(None, "q-reports"), big)
+        await tenant.closed
+        frame = tenant.close_frame()
+        assert frame is not None
+        self.assertEqual(frame.code, "bad-frame")
+        await task.deferLater(reactor, 1.0, lambda: None)  # the next session, after the link's session budget
+        tenant = await connect_raw(reactor, self.socket_path("tenant-a"))
         outcomes = []
         for index in range(3):
             call = oslo_body({"method": "report_state", "_msg_id": f"m{index}", "_reply_q": "reply_agent", "_unique_id": f"u{index}"})
@@ -230,27 +242,45 @@ class TrustTests(LabTestCase):
             self.assertEqual(inner["_reply_q"], "reply_msgmux_tenant-a")
 
     async def test_protocol_violations_close_the_session(self) -> None:
-        """Malformed CBOR, oversized frames and sending without credit close the session; the next one works."""
-        half, link, probe = await self._start("max_message_size = 4096")
+        """
+        Malformed CBOR, oversized frames, a message before the handshake
+        completed and sending without credit close the session; the next
+        one works.
+        """
+        half, link, probe = await self._start("max_message_size = 4096", extra="link_window = 1")
         attacks: list[Any] = [
-            lambda t: t.send_raw(struct.pack(">I", 5) + b"\xff\x00\x01\x02\x03"),  # not CBOR
-            lambda t: t.send_raw(struct.pack(">I", 10 * 1024 * 1024)),  # far over max_frame
-            lambda t: t.send_raw(struct.pack(">I", 2) + b"\x81\x18"),  # truncated CBOR value
+            lambda t: t.send_raw(struct.pack(">IB", 5, codec.CLOSE) + b"\xff\x00\x01\x02"),  # not CBOR
+            lambda t: t.send_raw(struct.pack(">IBI", 10 * 1024 * 1024, codec.MSG, 100)),  # far over max_body
+            lambda t: t.send_raw(struct.pack(">IB", 3, codec.ACK) + b"\x81\x18"),  # truncated CBOR value
         ]
         for attack in attacks:
             tenant = await connect_raw(reactor, self.socket_path("tenant-a"))
             attack(tenant)
             await tenant.closed
-            self.assertEqual(tenant.close_frame().code, "bad-frame")
+            frame = tenant.close_frame()
+            assert frame is not None
+            self.assertEqual(frame.code, "bad-frame")
         tenant = await connect_raw(reactor, self.socket_path("tenant-a"), hello=False)
-        # HELLO and a MSG in one write: the MSG arrives before any CREDIT.
+        # HELLO and a MSG in one write: no MSG body is taken before the handshake.
         tenant.send_raw(
             codec.encode(codec.Hello((codec.PROTOCOL_VERSION,), "tenant-a", "eager"))
-            + codec.encode(codec.Message(1, RpcAddress(None, "q-reports"), {}, REPORT))
+            + codec.encode(codec.MessageFrame(1, Message(RpcAddress(None, "q-reports"), {}, REPORT)))
         )
         await tenant.closed
-        self.assertEqual(tenant.close_frame().code, "flow-control")
-        self.assertEqual(link.stats.get("protocol_violations"), 4)
+        frame = tenant.close_frame()
+        assert frame is not None
+        self.assertEqual(frame.code, "bad-frame")
+        # A window of one message: a second one before the first is settled has no credit.
+        await task.deferLater(reactor, 1.0, lambda: None)
+        tenant = await connect_raw(reactor, self.socket_path("tenant-a"))
+        self.assertEqual(tenant.credit(), 1)
+        tenant.send_message(RpcAddress(None, "q-reports"), REPORT)
+        tenant.send_message(RpcAddress(None, "q-reports"), REPORT)
+        await tenant.closed
+        frame = tenant.close_frame()
+        assert frame is not None
+        self.assertEqual(frame.code, "flow-control")
+        self.assertEqual(link.stats.get("protocol_violations"), 5)
         tenant = await connect_raw(reactor, self.socket_path("tenant-a"))
         self.assertEqual(await tenant.wait_outcome(tenant.send_message(RpcAddress(None, "q-reports"), REPORT)), "ack")
 
@@ -259,7 +289,7 @@ class TrustTests(LabTestCase):
         A tenant that sends as fast as its credit allows is throttled; what
         it sends waits for credit and nothing is dropped.  (How much credit
         the bucket grants over time is checked against a fake clock in
-        tests/test_control.py.)
+        tests/test_pacing.py.)
         """
         half, link, probe = await self._start("max_rate = 20.0\nburst = 10")
         tenant = await connect_raw(reactor, self.socket_path("tenant-a"))
@@ -281,17 +311,17 @@ class TrustTests(LabTestCase):
         routes = ROUTES.replace('servers = ["agent-1"] }', 'servers = ["agent-1"], methods = ["sync_routers"] }')
         half, link, probe = await self._start(routes=routes)
         tenant = await connect_raw(reactor, self.socket_path("tenant-a"))
-        tenant.send(codec.Credit(10))
+        tenant.send(codec.Credit(10, 1 << 20))
         assert probe.channel is not None
         for method in ("delete_router", "sync_routers"):
             await probe.channel.publish(
                 "openstack", "l3_agent", {"content_type": "application/json"}, oslo_body({"method": method, "args": {}})
             )
-        await tenant.wait_for(lambda: any(isinstance(f, codec.Message) for f in tenant.frames))
+        await tenant.wait_for(lambda: any(isinstance(f, codec.MessageFrame) for f in tenant.frames))
         await self._settle()
-        relayed = [f for f in tenant.frames if isinstance(f, codec.Message)]
+        relayed = [f for f in tenant.frames if isinstance(f, codec.MessageFrame)]
         self.assertEqual(len(relayed), 1)
-        self.assertIn(b"sync_routers", relayed[0].body)
+        self.assertIn(b"sync_routers", relayed[0].message.body)
         self.assertEqual(link.stats.get("rejected", direction="down", reason="method"), 1)
 
     async def test_second_tenant_is_refused(self) -> None:
@@ -306,14 +336,14 @@ class TrustTests(LabTestCase):
 
     async def test_connections_before_handshake_are_limited(self) -> None:
         """Sockets that never say HELLO are capped, and get no room for large frames; the real tenant half still connects."""
-        from msgmux.control import MAX_PENDING_CONNECTIONS
+        from msgmux.control.factory import MAX_PENDING_CONNECTIONS
 
         half, link, probe = await self._start()
         idle = [await connect_raw(reactor, self.socket_path("tenant-a"), hello=False) for _ in range(MAX_PENDING_CONNECTIONS)]
         refused = await connect_raw(reactor, self.socket_path("tenant-a"), hello=False)
         await refused.closed
         self.assertEqual(link.stats.get("connections_refused"), 1)
-        idle[0].send_raw(struct.pack(">I", 1024 * 1024))  # a large frame before HELLO
+        idle[0].send_raw(struct.pack(">IB", 1024 * 1024, codec.MSG))  # a large frame before HELLO
         await idle[0].closed
         self.assertEqual(idle[0].close_frame().code, "bad-frame")
         for connection in idle[1:]:
@@ -324,7 +354,7 @@ class TrustTests(LabTestCase):
 
     async def test_sessions_are_rate_limited(self) -> None:
         """A tenant half that reconnects in a loop gets 'busy' after a burst, instead of costing the control broker a channel each time."""
-        from msgmux.control import SESSION_BURST
+        from msgmux.control.link import SESSION_BURST
 
         half, link, probe = await self._start()
         codes = []
