@@ -54,9 +54,21 @@ async def header_bomb(reactor: Any, socket: str, link: str, size: int = 8_400_00
     """
     head = hostile_head(size)
     tenant = await connect_raw(reactor, socket, link)
-    tenant.send_raw(struct.pack(">IBI", 1 + 4 + len(head), codec.MSG, len(head)) + head)
+    tenant.send_raw(raw_message(head, b""))
     await tenant.wait_for(lambda: tenant.closed.called)
     return tenant
+
+
+def raw_message(head: bytes, body: bytes, head_length: int | None = None) -> bytes:
+    """
+    A MSG frame around a head and a body given as bytes (a head no honest
+    encoder would write).
+
+    @param head_length: the head length to announce, if not C{len(head)}
+        (the frame then claims more bytes than C{head} and C{body}).
+    """
+    length = len(head) if head_length is None else head_length
+    return struct.pack(">IBI", 1 + 4 + length + len(body), codec.MSG, length) + head + body
 
 
 def hostile_head(items: int, seq: int = 1) -> bytes:

@@ -8,7 +8,10 @@ C{make bench}: msgmux against the alternatives, on this machine, in one run.
  2. oslo.messaging calls: directly on one broker, and through msgmux from
     the control broker to the tenant broker (in its network namespace):
     latency p50/p99 of sequential calls, and calls/s with 8 client threads;
- 3. memory per link: the control half's RSS growth with 200 links up.
+ 3. memory per link: the control half's RSS growth with 200 links up;
+ 4. availability: a good link's call latency while a hostile tenant half
+    attacks another link of the same control half, and what the codec
+    costs over the worst frames a peer can send (L{lab.bench_availability}).
 
 Ratios are within this run, so they hold on whatever machine runs it.
 Results are discussed in C{docs/performance.md}.
@@ -25,6 +28,8 @@ from typing import Any
 
 from twisted.internet import defer, task, threads
 
+from lab.bench_availability import availability, decode_costs
+from lab.bench_availability import rows as availability_rows
 from lab.lab import HalfProcess, Lab
 from msgmux.amqp.broker import BrokerService
 from msgmux.config import BrokerConfig, parse_transport_url
@@ -263,6 +268,8 @@ async def main(reactor: Any, arguments: argparse.Namespace) -> None:
         via = await oslo_calls(lab, True, arguments.calls)
         print(f"Memory with {arguments.links} links...", flush=True)
         memory = await memory_per_link(lab, arguments.links)
+        print(f"Availability: {arguments.calls} calls on a good link, unloaded and under each attack on another...", flush=True)
+        hostile = await availability(lab, arguments.calls)
     finally:
         await lab.stop_processes()
         await threads.deferToThread(lab.down)
@@ -288,13 +295,16 @@ async def main(reactor: Any, arguments: argparse.Namespace) -> None:
         ("oslo calls/s, 8 threads", f"{direct['calls_per_s']:.0f}", f"{via['calls_per_s']:.0f}", via["calls_per_s"] / direct["calls_per_s"], ">= 0.9"),
         ("msgmux CPU us/msg per half (oslo)", "-", f"{via['cpu_us_per_msg_per_half']:.1f}", None, ""),
         ("control half RSS per link, KiB", "-", f"{memory['kib_per_link']:.0f}", None, ""),
+        *availability_rows(hostile),
+        *[(name + ", ms", "-", f"{ms:.3f}", None, "<= 10") for name, ms in decode_costs()],
     ]
     print()
-    print(f"{'measure':36} {'baseline':>16} {'msgmux':>10} {'ratio/diff':>11} {'target':>11}")
-    print("-" * 88)
+    width = max(len(row[0]) for row in rows)
+    print(f"{'measure':{width}} {'baseline':>16} {'msgmux':>10} {'ratio/diff':>11} {'target':>11}")
+    print("-" * (width + 52))
     for name, baseline, ours, ratio, target in rows:
-        shown = "" if ratio is None else (f"{ratio:+.2f}" if "p50" in name else f"{ratio:.2f}x")
-        print(f"{name:36} {baseline:>16} {ours:>10} {shown:>11} {target:>11}")
+        shown = "" if ratio is None else (f"{ratio:+.2f}" if name.startswith("oslo call p50") else f"{ratio:.2f}x")
+        print(f"{name:{width}} {baseline:>16} {ours:>10} {shown:>11} {target:>11}")
     print()
     print(f"baseline: the Shovel for raw relay, oslo on one broker for calls; errors: direct {direct['errors']}, via msgmux {via['errors']}")
     print("relay CPU: the Shovel runs inside the broker node; msgmux's is the node's plus both halves' (all on this machine's cores)")

@@ -23,7 +23,6 @@ failure anywhere means redelivery, not loss.
 
 from __future__ import annotations
 
-import collections
 import functools
 from typing import Any, Callable
 
@@ -35,15 +34,16 @@ from twisted.python.failure import Failure
 from msgmux.amqp.broker import BrokerService
 from msgmux.amqp.channel import Channel, Delivery
 from msgmux.amqp.declared import Consumer, DeclaredChannel
-from msgmux.link.protocol import LinkConnection, MessageTooLarge
-from msgmux.message import Message, ReplyAddress, kind_of
+from msgmux.link.interfaces import LinkConnection, MessageTooLarge
+from msgmux.message import Message, kind_of
 from msgmux.oslo.topology import ExchangeSpec, QueueSpec
+from msgmux.outbox import Outbox
 from msgmux.pacing import CreditPacer
 from msgmux.policy import REJECT_REASONS, Refusal, RelayPolicy
 from msgmux.publisher import Pending, Publisher
 from msgmux.routing import Source
 from msgmux.stats import LinkStats
-from msgmux.stream_offsets import OFFSET_HEADER, StreamPosition, StreamReader
+from msgmux.stream_offsets import StreamPosition, StreamReader
 
 __all__ = ["Relay"]
 
@@ -86,11 +86,7 @@ class Relay:
         self._on_ended = ended
         self._streams = streams
         self._sources: list[Source] = []
-        self._stream_queues: set[str] = set()
-        self._reader = StreamReader(streams)
-        # Deliveries waiting for link credit; replies have their own line.
-        self._waiting: collections.deque[tuple[Message, Delivery]] = collections.deque()
-        self._waiting_replies: collections.deque[tuple[Message, Delivery]] = collections.deque()
+        self._waiting = Outbox()
         self.declared = DeclaredChannel(broker, clock, stats.link_name, plan=self, user=self)
         self.publisher = Publisher(clock, stats, policy.direction_in, broker.name, self._published, self._refused)
         self._relayed = {
@@ -112,7 +108,6 @@ class Relay:
         self.declared.stop()  # the broker requeues every delivery the peer did not settle
         self.publisher.stop()
         self._waiting.clear()
-        self._waiting_replies.clear()
         self._on_ended(self)
 
     async def drain(self, timeout: float) -> None:
@@ -138,16 +133,12 @@ class Relay:
         return exchanges, queues + [source.queue for source in self._sources]
 
     def consumers(self, channel: Channel) -> list[Consumer]:
-        self._reader = reader = StreamReader(self._streams)
+        reader = StreamReader(self._streams)  # where streams resume, and settlement back to it
         channel.settle_observer = reader.settled
-        consumers = []
-        for index, source in enumerate(self._sources):
-            arguments: dict[str, object] = dict(source.queue.consume_arguments)
-            if OFFSET_HEADER in arguments:
-                arguments[OFFSET_HEADER] = reader.resume(source.queue.name)
-                self._stream_queues.add(source.queue.name)
-            consumers.append(Consumer(source.queue.name, f"msgmux-{self.stats.link_name}-{index}", functools.partial(self._delivered, source), arguments))
-        return consumers
+        return [
+            reader.consumer(source.queue, f"msgmux-{self.stats.link_name}-{index}", functools.partial(self._delivered, source))
+            for index, source in enumerate(self._sources)
+        ]
 
     def channel_ready(self, channel: Channel) -> None:
         if self._window is not None:
@@ -159,7 +150,6 @@ class Relay:
     def channel_lost(self, channel: Channel, reason: Failure) -> None:
         # Deliveries of the dead channel are void: the broker requeued them.
         self._waiting.clear()
-        self._waiting_replies.clear()
         self.publisher.channel_lost(channel)
 
     def publish_now(self, exchange: str, routing_key: str, properties: dict[str, Any], body: bytes) -> bool:
@@ -182,8 +172,6 @@ class Relay:
             # which hands this delivery back to the broker: settling it here
             # would lose it (or, for a stream, move the resume point past it).
             return
-        if source.queue.name in self._stream_queues:
-            self._reader.delivered(source.queue.name, delivery.delivery_tag, delivery.properties.get("headers"))
         direction = self.policy.direction_out
         if delivery.error is not None:
             delivery.reject(requeue=False)
@@ -197,11 +185,8 @@ class Relay:
             return
         if message is None:
             delivery.ack()
-        elif self._waiting_replies or self._waiting or not self.connection.can_send(message):
-            if type(message.address) is ReplyAddress:
-                self._waiting_replies.append((message, delivery))
-            else:
-                self._waiting.append((message, delivery))
+        elif self._waiting or not self.connection.can_send(message):
+            self._waiting.add(message, delivery)
             self.credit_received()  # sends what it can, replies first
         else:
             self._send(message, delivery)
@@ -218,11 +203,9 @@ class Relay:
             self.stats.reject(self.policy.direction_out, "too-large", str(e))
 
     def credit_received(self) -> None:
-        for waiting in (self._waiting_replies, self._waiting):
-            while waiting and self.connection.can_send(waiting[0][0]):
-                message, delivery = waiting.popleft()
-                if delivery.channel.is_open:
-                    self._send(message, delivery)
+        for message, delivery in self._waiting.ready(self.connection.can_send):
+            if delivery.channel.is_open:
+                self._send(message, delivery)
 
     def messages_acknowledged(self, tokens: list[tuple[Delivery, str]]) -> None:
         by_channel: dict[Channel, list[int]] = {}

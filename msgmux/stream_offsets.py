@@ -11,14 +11,17 @@ received; msgmux, which must not lose what it had not yet relayed, resumes
 at the first message whose relay was not settled (published on the other
 broker, or refused).  A L{StreamPosition} outlives the link sessions; it
 starts at the stream's end (C{"last"}), as oslo does, when msgmux starts.
-
-Pure code.
+A L{StreamReader} applies them to the consumers of one channel.
 """
 
 from __future__ import annotations
 
 import collections
-from typing import Any
+from typing import Any, Callable
+
+from msgmux.amqp.channel import Delivery
+from msgmux.amqp.declared import Consumer
+from msgmux.oslo.topology import QueueSpec
 
 __all__ = ["OFFSET_HEADER", "StreamPosition", "StreamReader"]
 
@@ -81,9 +84,22 @@ class StreamReader:
         # Delivery tag -> (position, offset), for this channel's deliveries.
         self._tags: dict[int, tuple[StreamPosition, int]] = {}
 
-    def resume(self, queue: str) -> int | str:
-        """@return: the C{x-stream-offset} to consume C{queue} from."""
-        return self._positions.setdefault(queue, StreamPosition()).resume()
+    def consumer(self, queue: QueueSpec, tag: str, deliver: Callable[[Delivery], None]) -> Consumer:
+        """
+        @return: the consumer of C{queue}: for a stream, one that resumes at
+            the first offset not settled, notes each delivery's offset and
+            strips it before C{deliver} sees the delivery.
+        """
+        arguments: dict[str, object] = dict(queue.consume_arguments)
+        if OFFSET_HEADER not in arguments:
+            return Consumer(queue.name, tag, deliver, arguments)
+        arguments[OFFSET_HEADER] = self._positions.setdefault(queue.name, StreamPosition()).resume()
+
+        def delivered(delivery: Delivery) -> None:
+            self.delivered(queue.name, delivery.delivery_tag, delivery.properties.get("headers"))
+            deliver(delivery)
+
+        return Consumer(queue.name, tag, delivered, arguments)
 
     def delivered(self, queue: str, delivery_tag: int, headers: dict[str, Any] | None) -> None:
         """

@@ -19,7 +19,7 @@ from twisted.internet import task
 
 from lab import attacks
 from lab.bench import rss_bytes
-from lab.hostile import RawTenant, connect_raw
+from lab.hostile import connect_raw
 from tests.integration.support import LabTestCase, fetch_metrics, tenant_config
 
 #: The control half's resident memory must stay below this during the attacks.
@@ -92,12 +92,14 @@ class HostileNeighbourTests(LabTestCase):
 
         load = client.request("load", kind="call", topic="agent", method="echo", count=400, rate=10)
 
-        flooded = await attacks.frame_flood(reactor, bad, "bad")
-        self.assertEqual(close_code(flooded), "frame-flood")
+        # The attacker may not read the CLOSE (its writes can meet the closed
+        # socket first): the control half's log says why it ended the session.
+        await attacks.frame_flood(reactor, bad, "bad")
+        await self.lab.wait_for_log(control_half, "ended (frame-flood)")
         await self.pause()
 
-        bombed = await attacks.header_bomb(reactor, bad, "bad")
-        self.assertEqual(close_code(bombed), "bad-frame")
+        await attacks.header_bomb(reactor, bad, "bad")
+        await self.lab.wait_for_log(control_half, "ended (bad-frame)")
         await self.pause()
 
         self.assertEqual(await attacks.json_bomb(reactor, bad, "bad", "forbidden"), ["method"] * 5)
@@ -149,9 +151,3 @@ class HostileNeighbourTests(LabTestCase):
     async def pause(self) -> None:
         """Let a second pass between attacks: a link may start one session per second after its first five."""
         await task.deferLater(self.lab.reactor, 1.0, lambda: None)
-
-
-def close_code(tenant: RawTenant) -> str | None:
-    """The code of the CLOSE the control half sent the attacker, if any."""
-    frame = tenant.close_frame()
-    return frame.code if frame is not None else None
