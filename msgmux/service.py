@@ -28,9 +28,12 @@ from msgmux.amqp.broker import BrokerService
 from msgmux.config import Config, ConfigError, ControlConfig, LinkConfig, TenantConfig, load
 from msgmux.control import ControlLink, ControlLinkFactory
 from msgmux.keeper import ReplyQueueKeeper
+from msgmux.lifecycle import ControlLifecycle
+from msgmux.linkstore import StoredLink
 from msgmux.metrics import MetricsSite, MsgmuxCollector
 from msgmux.oslo.tokens import TokenSigner
 from msgmux.oslo.topology import OsloTopology
+from msgmux.sdnotify import Notifier
 from msgmux.tenant import TenantLink, TenantLinkFactory
 
 __all__ = ["ControlHalf", "MsgmuxService", "TenantHalf"]
@@ -91,6 +94,28 @@ class ControlHalf:
         self.broker.startService()
         for link in self.config.links:
             self._listen(link)
+
+    def add_link(self, link: LinkConfig) -> None:
+        """
+        Listen on and serve a new link (added at run time).
+
+        @raise Exception: when its socket cannot be bound; nothing is left
+            of the link then.
+        """
+        self._add(link)
+        try:
+            self._listen(link)
+        except BaseException:
+            self.listeners.pop(link.name)
+            self.links.pop(link.name).retired = True
+            raise
+
+    async def remove_link(self, name: str) -> None:
+        """
+        Stop serving a link: stop listening (the socket is removed), stop
+        consuming, let what is in flight settle, close the session.
+        """
+        await self._remove(name)
 
     async def _remove(self, name: str) -> None:
         listener = self.listeners.pop(name)
@@ -191,16 +216,30 @@ class MsgmuxService(Service):
     _log = Logger()
     _previous_hup: Any = None
 
-    def __init__(self, config: Config, reactor: Any) -> None:
+    def __init__(self, config: Config, reactor: Any, stored_links: list[StoredLink] | None = None) -> None:
+        """
+        @param stored_links: the control half's links from its state file.
+        """
         self.config = config
         self.reactor = reactor
         self.control = ControlHalf(config.control, reactor) if config.control else None
         self.tenant = TenantHalf(config.tenant, reactor) if config.tenant else None
-        self.collector = MsgmuxCollector(self._monitored(), self._brokers())
-        # Reloads (which wait for removed links to drain) and the stop run
-        # one at a time, so that two SIGHUPs in a row apply the newest file
-        # once each, and a stop never meets a reload halfway.
+        # Reloads (which wait for removed links to drain), run-time link
+        # changes and the stop run one at a time, so that two SIGHUPs in a
+        # row apply the newest file once each, and a stop never meets a
+        # reload halfway.
         self._changes = defer.DeferredLock()
+        self.lifecycle = (
+            ControlLifecycle(self.control, reactor, stored_links or [], self._changes.run, self._spawner_lost)
+            if self.control is not None
+            else None
+        )
+        self.notifier = Notifier(None)
+        self.collector = MsgmuxCollector(self._monitored(), self._brokers())
+        if self.lifecycle is not None:
+            self.collector.extras.append(self.lifecycle)
+            if self.lifecycle.admin is not None:
+                self.lifecycle.admin.on_change.append(lambda: setattr(self.collector, "links", self._monitored()))
         self.metrics: StreamServerEndpointService | None = None
         address = (config.control.metrics if config.control else None) or (config.tenant.metrics if config.tenant else None)
         if address:
@@ -218,19 +257,49 @@ class MsgmuxService(Service):
     def _brokers(self) -> list[BrokerService]:
         return [half.broker for half in (self.control, self.tenant) if half is not None]
 
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        # Host names are encoded with the idna codec, which Python imports on
+        # first use: do that while the interpreter's files are surely
+        # readable, before twistd --uid drops privileges.
+        "localhost".encode("idna")
+        self.notifier = Notifier.from_environment()
+        if self.lifecycle is not None:
+            self.lifecycle.privileged_start()
+
     def startService(self) -> None:
         super().startService()
         self._log.info("msgmux starting from {path}", path=self.config.path)
         self._previous_hup = signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
         if self.control is not None:
             self.control.start()
+        if self.lifecycle is not None:
+            self.lifecycle.start()
+            self.collector.links = self._monitored()
         if self.tenant is not None:
             self.tenant.start()
         if self.metrics is not None:
             self.metrics.startService()
+        self._notify_when_ready()
+
+    def _notify_when_ready(self) -> None:
+        """C{READY=1} once the sockets are bound (above) and every broker is logged in."""
+        waits = [broker.when_connected() for broker in self._brokers()]
+        if self.lifecycle is not None:
+            waits += self.lifecycle.ready()
+        links = len(self.control.links) if self.control is not None else 0
+        ready = defer.gatherResults(waits, consumeErrors=True)
+        ready.addCallback(lambda _: self.notifier.ready(f"serving {links} links"))
+        ready.addErrback(lambda failure: None)  # stopped before it was ready
+        self.notifier.start_watchdog(self.reactor)
+
+    def _spawner_lost(self) -> None:
+        self._log.critical("msgmux stops: it cannot supervise tenant halves without the spawner (let systemd restart it)")
+        self.reactor.stop()
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
+        self.notifier.stopping()
         if self._previous_hup is not None:
             signal.signal(signal.SIGHUP, self._previous_hup)
         return self._changes.run(lambda: defer.Deferred.fromCoroutine(self._stop()))
@@ -254,8 +323,13 @@ class MsgmuxService(Service):
             return
         if config.tenant != self.config.tenant:
             self._log.warn("Reload: tenant half changes take effect only after a restart")
-        if self.control is not None and config.control is not None:
-            await self.control.reload(config.control)
+        if self.control is not None and config.control is not None and self.lifecycle is not None:
+            control = self.lifecycle.pin(config.control)
+            if isinstance(control, str):
+                self._log.error("Reload refused, keeping the running configuration: {error}", error=control)
+                return
+            await self.control.reload(control)
+            self.lifecycle.reloaded()
             self.collector.links = self._monitored()
         elif (self.control is None) != (config.control is None):
             self._log.warn("Reload: adding or removing a half takes effect only after a restart")
@@ -263,10 +337,15 @@ class MsgmuxService(Service):
         self._log.info("Reloaded {path}", path=self.config.path)
 
     async def _stop(self) -> None:
+        if self.lifecycle is not None:
+            await self.lifecycle.stop_admin()
         if self.metrics is not None:
             await self.metrics.stopService()
         if self.tenant is not None:
             await self.tenant.stop()
         if self.control is not None:
             await self.control.stop()
+        if self.lifecycle is not None:
+            # After the links drained: the halves confirm what was in flight.
+            await self.lifecycle.stop_halves()
         self._log.info("msgmux stopped")

@@ -250,6 +250,7 @@ class ValidConfigTests(ConfigTestMixin, SynchronousTestCase):
                 link_heartbeat=2.5,
                 link_window=128,
                 metrics="tcp:9100",
+                default_limits=limits_b,
             ),
             tenant=TenantConfig(
                 broker=BrokerConfig(
