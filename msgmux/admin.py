@@ -23,7 +23,7 @@ import json
 import os
 import socket
 import struct
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet import defer
 from twisted.internet.protocol import Factory
@@ -87,8 +87,8 @@ class AdminProtocol(LineOnlyReceiver):
 
     def connectionMade(self) -> None:
         self._queue: defer.Deferred[None] = defer.succeed(None)
-        credentials = peer_credentials(self.transport)
-        problem = authorize(credentials, peer_groups(self.transport), self.factory.admin_gid)
+        credentials = self.factory.credentials(self.transport)
+        problem = authorize(credentials, self.factory.groups(self.transport), self.factory.admin_gid)
         if problem is not None:
             self._log.warn("Admin socket: refused peer {peer}: {problem}", peer=credentials, problem=problem)
             self._answer({"ok": False, "error": problem})
@@ -153,9 +153,22 @@ class AdminFactory(Factory):
     protocol = AdminProtocol
     noisy = False
 
-    def __init__(self, admin: LinkAdmin, admin_gid: int | None) -> None:
+    def __init__(
+        self,
+        admin: LinkAdmin,
+        admin_gid: int | None,
+        credentials: Callable[[Any], tuple[int, int, int] | None] = peer_credentials,
+        groups: Callable[[Any], tuple[int, ...] | None] = peer_groups,
+    ) -> None:
+        """
+        @param admin_gid: the group allowed besides root, or L{None}.
+        @param credentials: reads a connection's peer (pid, uid, gid).
+        @param groups: reads a connection's peer's supplementary groups.
+        """
         self.admin = admin
         self.admin_gid = admin_gid
+        self.credentials = credentials
+        self.groups = groups
 
 
 def listen_admin(reactor: Any, path: str, factory: AdminFactory) -> Any:
