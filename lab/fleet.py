@@ -18,6 +18,7 @@ import grp
 import json
 import os
 import pwd
+import shutil
 import socket
 import subprocess
 import sys
@@ -65,6 +66,7 @@ class Fleet:
         for name in self.namespaces:
             Namespace(name).create()
         self.lab.tenant_node.add_vhosts(self.vhosts, self.lab.root)
+        shutil.rmtree(os.path.dirname(self.run), ignore_errors=True)  # a state file left by an earlier run
         control = pwd.getpwnam(CONTROL_USER)
         tenants = grp.getgrnam(TENANT_GROUP)
         for directory, mode, gid in (
@@ -101,10 +103,13 @@ class Fleet:
             waited += 0.1
         return self.forwarder
 
-    def control_config(self, control_vhost: str, links: str = "", extra: str = "") -> str:
+    def control_config(
+        self, control_vhost: str, links: str = "", extra: str = "", canary_interval: float = 0.5, link_heartbeat: float = 1.0
+    ) -> str:
         """
         Write the control half's configuration: admin socket, state file,
-        supervision, metrics; C{links} are more TOML (static links).
+        supervision, metrics; C{links} are more TOML (static links).  The
+        canary and heartbeat are quick by default, for tests.
         """
         return self.lab.write(
             f"{self.prefix}/control.toml",
@@ -115,8 +120,8 @@ metrics = "unix:{self.run}/metrics.sock"
 admin_socket = "{self.run}/admin.sock"
 admin_group = "{CONTROL_GROUP}"
 state_file = "{self.state}/links.json"
-canary_interval = 0.5
-link_heartbeat = 1.0
+canary_interval = {canary_interval}
+link_heartbeat = {link_heartbeat}
 {extra}
 
 [control.supervision]
