@@ -169,8 +169,10 @@ class TenantSupervisor:
     def sync(self, links: Iterable[LinkConfig]) -> list[defer.Deferred[None]]:
         """
         Supervise exactly the links with a C{tenant} table among C{links}
-        (after a reload): new ones start, gone ones stop, changed ones
-        restart.
+        (after a reload): new ones start, gone ones stop, ones whose tenant
+        settings or socket changed restart.  (A change of routes needs no
+        restart: the control half closes the session and the half
+        reconnects.)
 
         @return: the stops in progress.
         """
@@ -179,8 +181,10 @@ class TenantSupervisor:
         for name, half in list(self.halves.items()):
             if name not in wanted:
                 pending.append(self.remove(name))
-            elif wanted[name] != half.link:
+            elif (wanted[name].tenant, wanted[name].socket) != (half.link.tenant, half.link.socket):
                 pending.append(self.replace(wanted[name]))
+            else:
+                half.link = wanted[name]
         for name, link in wanted.items():
             if name not in self.halves:
                 self.add(link)

@@ -6,10 +6,11 @@ spawner channel.
 
 from __future__ import annotations
 
+import attrs
 from twisted.internet import task
 from twisted.trial.unittest import SynchronousTestCase
 
-from msgmux.config import BrokerConfig, BrokerHost, LinkConfig, SupervisionConfig, TenantSpec
+from msgmux.config import BrokerConfig, BrokerHost, LinkConfig, RpcRule, SupervisionConfig, TenantSpec
 from msgmux.spawnproto import Exited, Ready, Refused, Started
 from msgmux.supervisor import HalfState, TenantSupervisor
 
@@ -226,6 +227,14 @@ class SupervisorTests(SynchronousTestCase):
         self.supervisor.event(Exited("r2", 200, 0, None))
         self.assertEqual(self.spawner.commands[-1], ("start", "r2"))
         self.assertIs(self.supervisor.halves["r2"].link, changed)
+
+    def test_sync_keeps_a_half_whose_routes_changed(self) -> None:
+        """New routes alone do not restart the half (its session is renewed by the control half)."""
+        self.running("r1", 100)
+        rerouted = attrs.evolve(link("r1"), down=(RpcRule("l3_agent"),))
+        self.supervisor.sync([rerouted])
+        self.assertEqual(self.spawner.commands, [("start", "r1")])
+        self.assertIs(self.supervisor.halves["r1"].link, rerouted)
 
     def test_add_twice_refused(self) -> None:
         self.supervisor.add(link())
