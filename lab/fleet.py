@@ -134,14 +134,19 @@ stop_timeout = 10.0
 """,
         )
 
-    def spawn_control(self, config: str, label: str) -> HalfProcess:
-        """C{twistd -n msgmux} as root, dropping to the control user after the spawner started."""
+    def spawn_control(self, config: str, label: str, environment: dict[str, str] | None = None) -> HalfProcess:
+        """
+        C{twistd -n msgmux} as root, dropping to the control user after the
+        spawner started.
+
+        @param environment: more environment variables (systemd's, say).
+        """
         log_path = self.lab.path("logs", f"{label}.log")
         if os.path.exists(log_path):
             os.remove(log_path)
         argv = [TWISTD, "-n", "--pidfile=", f"--logfile={log_path}", f"--uid={CONTROL_USER}", f"--gid={CONTROL_GROUP}"]
         argv += ["msgmux", "--config", config]
-        self.control = self.lab.spawn(argv, label, in_tenant_network=False, log_path=log_path)
+        self.control = self.lab.spawn(argv, label, in_tenant_network=False, log_path=log_path, environment_extra=environment)
         return self.control
 
     def link_table(self, index: int, routes: dict[str, Any] | None = None) -> dict[str, Any]:

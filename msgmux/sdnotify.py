@@ -44,6 +44,7 @@ class Notifier:
         self.address = address
         self.watchdog_interval = watchdog_usec / 2e6 if watchdog_usec else None
         self._watchdog: task.LoopingCall | None = None
+        self._failing = False
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] | None = None, pid: int | None = None) -> Notifier:
@@ -81,11 +82,17 @@ class Notifier:
             address = "\0" + address[1:]  # abstract namespace
         message = "\n".join(fields)
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            # Never wait: a datagram socket whose reader is slow has a short
+            # queue, and a full one would block the reactor.  A dropped
+            # watchdog ping is followed by the next.
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK) as s:
                 s.sendto(message.encode(), address)
         except OSError as e:
-            self._log.warn("Cannot notify systemd at {address}: {error}", address=self.address, error=str(e))
+            if not self._failing:  # once per run of failures, not per watchdog ping
+                self._log.warn("Cannot notify systemd at {address}: {error}", address=self.address, error=str(e))
+            self._failing = True
             return False
+        self._failing = False
         return True
 
     def ready(self, status: str) -> None:

@@ -52,7 +52,7 @@ class _Channel(LineOnlyReceiver):
         self._log.error("Spawner sent a line longer than {limit} bytes; closing", limit=MAX_LINE)
         self.transport.loseConnection()
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self.owner.channel_lost()
 
 

@@ -77,6 +77,14 @@ class NotifierTests(SynchronousTestCase):
         self.assertTrue(Notifier("@" + name).notify("READY=1"))
         self.assertEqual(receiver.recv(100), b"READY=1")
 
+    def test_full_queue_never_blocks(self) -> None:
+        """When systemd does not read, messages are dropped rather than blocking the caller."""
+        notifier = Notifier(self.path)
+        sent = [notifier.notify("WATCHDOG=1") for _ in range(1000)]
+        self.assertIn(False, sent)
+        self.assertTrue(sent[0])
+        self.flushLoggedErrors()
+
     def test_unreachable_socket(self) -> None:
         """A socket that is gone is logged, not raised."""
         self.assertFalse(Notifier(self.path + "-missing").notify("READY=1"))

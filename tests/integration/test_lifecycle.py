@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 from typing import Any
 
@@ -100,7 +101,10 @@ class LifecycleTests(LabTestCase):
         # The configured link with steady traffic; its tenant half is supervised too.
         steady = fleet.link_table(LINKS, {"name": "steady", "socket": f"{fleet.sockets}/steady.sock", "down": [{"topic": "steady"}]})
         config = fleet.control_config(self.control_vhost, toml_table(steady, "[[control.links]]", "control.links."))
-        control = fleet.spawn_control(config, f"lc-{self.tag}-control")
+        notify = self.systemd_socket(fleet)
+        control = fleet.spawn_control(
+            config, f"lc-{self.tag}-control", {"NOTIFY_SOCKET": notify.getsockname(), "WATCHDOG_USEC": "1000000"}
+        )
         await self.healthy(fleet, {"steady"})
         control_peer = self.lab.spawn_peer("control", self.control_vhost)
         tenant_peer = self.lab.spawn_peer("tenant", fleet.vhosts[LINKS])
@@ -109,9 +113,16 @@ class LifecycleTests(LabTestCase):
         await tenant_peer.request("server", name="steady", topic="steady")
         traffic = SteadyTraffic(control_peer, "steady")
 
-        # The control half does not keep root; its spawner does.
+        # The control half does not keep root; its spawner does, and inherits
+        # nothing of systemd's.
         with open(f"/proc/{self.control_pid(control)}/status") as f:
             self.assertRegex(f.read(), r"\nUid:\t65534\t65534\t65534\t65534\n")
+        document = await self.status(fleet)
+        with open(f"/proc/{document['spawner']['pid']}/environ", "rb") as f:
+            self.assertEqual(sorted(item.split(b"=")[0] for item in f.read().split(b"\0") if item), [b"PATH", b"PYTHONPATH"])
+        # systemd heard READY=1, and the watchdog pings every half second.
+        await wait_for(self.lab.reactor, "the watchdog", lambda: self.notified(notify, "WATCHDOG=1", 3), 10)
+        self.assertIn("READY=1\nSTATUS=serving 1 links", self.notifications)
 
         # 20 links added at run time, through the command.
         names = {f"l{index:03d}" for index in range(LINKS)}
@@ -191,8 +202,11 @@ class LifecycleTests(LabTestCase):
 
         # Restart the control half: the added links come back from the state file.
         pids = [half["pid"] for half in document["tenant_halves"] if half["pid"]]
+        await self.notified(notify, "", 0)  # room in the socket's short queue for STOPPING=1
         await control.stop()
         self.assertIn("msgmux stopped", control.log())  # a clean stop (twistd ends by re-raising SIGTERM)
+        await self.notified(notify, "STOPPING=1", 1)
+        self.assertIn("STOPPING=1", self.notifications)
         self.assertEqual([pid for pid in pids if self.alive(pid)], [])
         control = fleet.spawn_control(config, f"lc-{self.tag}-control-2")
         back = names - {gone, removed}
@@ -216,6 +230,23 @@ class LifecycleTests(LabTestCase):
         except AssertionError:
             received = {record["kwargs"]["i"] for record in await tenant_peer.request("received", name="steady")}
             self.fail(f"lost {len(traffic.sent - received)} of {len(traffic.sent)} casts: {sorted(traffic.sent - received)[:20]}")
+
+    def systemd_socket(self, fleet: Fleet) -> socket.socket:
+        """A datagram socket standing in for systemd's NOTIFY_SOCKET, writable by the control half's user."""
+        receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(receiver.close)
+        receiver.bind(f"{fleet.run}/notify.sock")
+        os.chmod(f"{fleet.run}/notify.sock", 0o666)
+        receiver.setblocking(False)
+        self.notifications: list[str] = []
+        return receiver
+
+    async def notified(self, receiver: socket.socket, message: str, count: int) -> bool:
+        while True:
+            try:
+                self.notifications.append(receiver.recv(4096).decode())
+            except BlockingIOError:
+                return self.notifications.count(message) >= count
 
     def control_pid(self, control: Any) -> int:
         return control.transport.pid  # type: ignore[no-any-return]
