@@ -44,11 +44,20 @@ def describe(config: Config) -> str:
             for direction, rules in (("down", link.notifications_down), ("up", link.notifications_up)):
                 for note in rules:
                     lines.append(f"    {direction:5} notifications {note.topic} priorities={list(note.priorities)}")
+            if link.tenant is not None:
+                tenant = link.tenant
+                hosts = ", ".join(f"{h.host}:{h.port}" for h in tenant.broker.hosts)
+                lines.append(
+                    f"    tenant half run by msgmux: namespace {tenant.namespace}, user {tenant.user}:{tenant.group},"
+                    f" broker {hosts} vhost {tenant.broker.virtual_host!r}"
+                )
             limits = link.limits
             lines.append(
                 f"    limits: {limits.max_message_size} bytes, {limits.max_rate:g} msg/s (burst {limits.burst}),"
                 f" {limits.max_inflight_calls} calls in flight"
             )
+    if config.control is not None and config.control.admin_socket is not None:
+        lines.append(f"admin socket: {config.control.admin_socket}; links added at run time kept in {config.control.state_file}")
     if config.tenant is not None:
         tenant = config.tenant
         hosts = ", ".join(f"{h.host}:{h.port}" for h in tenant.broker.hosts)

@@ -147,7 +147,7 @@ class ControlLifecycle:
 
     async def stop_halves(self) -> None:
         """Stop every supervised half, then the spawner (last, after the links drained)."""
-        if self.supervisor is not None:
+        if self.supervisor is not None and self.spawner is not None and not self.spawner.ended.called:
             timeout = self.supervisor.config.stop_timeout + SPAWNER_GRACE
             stopping = self.supervisor.stop_all()
             stopping.addTimeout(timeout, self.reactor)

@@ -271,7 +271,7 @@ def _run(fd: int, supervision: SupervisionConfig) -> int:
     while not stopping or spawner.children:
         if stopping and channel.fileno() >= 0:
             selector.unregister(channel)
-            spawner.stop_all(10.0)
+            spawner.stop_all(supervision.stop_timeout)
             channel.close()
         for key, _ in selector.select(spawner.tick()):
             if key.fileobj is channel:
@@ -317,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fd", type=int, required=True, help="the command socket's descriptor")
     parser.add_argument("--user", action="append", default=[], help="a user tenant halves may run as")
     parser.add_argument("--group", action="append", default=[], help="a group tenant halves may run as")
+    parser.add_argument(
+        "--stop-timeout", type=float, default=10.0, help="seconds halves get after SIGTERM when the control half goes away"
+    )
     arguments = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("msgmux spawner: must run as root (it enters namespaces and changes users)", file=sys.stderr)
@@ -324,7 +327,10 @@ def main(argv: list[str] | None = None) -> int:
     if not arguments.user or not arguments.group:
         print("msgmux spawner: needs at least one --user and one --group", file=sys.stderr)
         return 1
-    supervision = SupervisionConfig(users=tuple(arguments.user), groups=tuple(arguments.group))
+    if not 0 < arguments.stop_timeout <= 600:
+        print("msgmux spawner: --stop-timeout must be greater than 0 and at most 600", file=sys.stderr)
+        return 1
+    supervision = SupervisionConfig(users=tuple(arguments.user), groups=tuple(arguments.group), stop_timeout=arguments.stop_timeout)
     # A session of its own: a terminal's ^C reaches the control half, which
     # stops the halves in order, and not every half at once.
     try:

@@ -74,7 +74,7 @@ class SupervisionConfig:
             arguments += ["--user", user]
         for group in self.groups:
             arguments += ["--group", group]
-        return arguments
+        return arguments + ["--stop-timeout", repr(self.stop_timeout)]
 
 
 @attrs.frozen

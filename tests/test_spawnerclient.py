@@ -53,7 +53,8 @@ class SpawnerProcessTests(SynchronousTestCase):
         """A fresh interpreter with the allow-lists, descriptor 3, and no environment but PATH and PYTHONPATH."""
         self.assertEqual(
             self.spawned["args"],
-            ["/opt/msgmux/bin/python", "-m", "msgmux.spawner", "--fd", "3", "--user", "nobody", "--user", "daemon", "--group", "nogroup"],
+            ["/opt/msgmux/bin/python", "-m", "msgmux.spawner", "--fd", "3", "--user", "nobody", "--user", "daemon", "--group", "nogroup"]
+            + ["--stop-timeout", "10.0"],
         )
         self.assertLessEqual(set(self.spawned["env"]), {"PATH", "PYTHONPATH"})
         self.assertEqual(sorted(self.spawned["childFDs"]), [0, 1, 2, 3])
