@@ -143,7 +143,7 @@ class ControlLifecycle:
         """Stop taking requests (first, when the service stops)."""
         if self._admin_port is not None:
             port, self._admin_port = self._admin_port, None
-            await port.stopListening()
+            await defer.maybeDeferred(port.stopListening)
 
     async def stop_halves(self) -> None:
         """Stop every supervised half, then the spawner (last, after the links drained)."""
