@@ -13,6 +13,7 @@ halves in C{/status} and C{/metrics}.
 from __future__ import annotations
 
 import grp
+import os
 from typing import Any, Callable, Iterable
 
 import attrs
@@ -100,6 +101,10 @@ class ControlLifecycle:
     def start(self) -> None:
         """Serve the stored links and start the supervised halves (after the control half started)."""
         self.privileged_start()
+        if self.spawner is not None and os.geteuid() == 0:
+            self._log.warn(
+                "The control half still runs as root: start it with twistd --uid/--gid so that only the spawner keeps root"
+            )
         if self.admin is not None:
             self.admin.start()
         if self.supervisor is not None:
