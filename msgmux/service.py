@@ -290,7 +290,7 @@ class MsgmuxService(Service):
         links = len(self.control.links) if self.control is not None else 0
         ready = defer.gatherResults(waits, consumeErrors=True)
         ready.addCallback(lambda _: self.notifier.ready(f"serving {links} links"))
-        ready.addErrback(lambda failure: None)  # stopped before it was ready
+        ready.addErrback(lambda failure: self._log.info("Stopped before ready: {error}", error=failure.getErrorMessage()))
         self.notifier.start_watchdog(self.reactor)
 
     def _spawner_lost(self) -> None:

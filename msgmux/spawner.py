@@ -33,6 +33,7 @@ import errno
 import os
 import sys
 import time
+import traceback
 from typing import Callable
 
 import attrs
@@ -115,10 +116,14 @@ class Spawner:
         except ProtocolError as e:
             self._send(encode(Refused("", f"malformed command: {e}")))
             return
-        if isinstance(command, Start):
-            self._start(command)
-        else:
-            self._stop(command)
+        try:
+            if isinstance(command, Start):
+                self._start(command)
+            else:
+                self._stop(command)
+        except Exception as e:  # the privileged side must outlive any request
+            traceback.print_exc(file=sys.stderr)
+            self._send(encode(Refused(command.link, f"internal error: {type(e).__name__}")))
 
     def _start(self, command: Start) -> None:
         link = command.link

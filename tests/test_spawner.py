@@ -7,8 +7,10 @@ namespaces is covered by C{tests.integration.test_lifecycle}.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import sys
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -135,6 +137,23 @@ class SpawnerTests(SynchronousTestCase):
             self.spawner.received(line)
             self.assertTrue(self.refusal().startswith(reason), (reason, self.refusal()))
         self.assertEqual(self.forked, [])
+
+    def test_internal_error(self) -> None:
+        """A request that trips an unexpected error is refused; the spawner goes on."""
+
+        def broken(*args: Any) -> int:
+            raise RuntimeError("boom")
+
+        self.spawner._fork = broken
+        err = self.patch_stderr()
+        self.spawner.received(start())
+        self.assertEqual(self.refusal(), "internal error: RuntimeError")
+        self.assertIn("boom", err.getvalue())
+
+    def patch_stderr(self) -> io.StringIO:
+        err = io.StringIO()
+        self.patch(sys, "stderr", err)
+        return err
 
     def test_malformed(self) -> None:
         self.spawner.received(b'{"type": "exec"}')
