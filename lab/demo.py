@@ -5,7 +5,9 @@ It builds the lab (a tenant network namespace with its own RabbitMQ; the
 machine's RabbitMQ as the control broker), starts both msgmux halves as
 C{twistd msgmux} processes, starts unmodified oslo.messaging servers and
 clients on each side, shows calls, casts, fanout, notifications and a refused
-method crossing the proxy, and takes everything down again.
+method crossing the proxy; then adds a link at run time, whose tenant half
+msgmux starts in a router's namespace, and removes it; and takes everything
+down again.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 from twisted.internet import defer, task, threads
 
+from lab.demo_lifecycle import lifecycle_demo
 from lab.lab import Lab
 from lab.peer import OsloPeer, PeerFailure
 
@@ -52,6 +55,8 @@ async def demo(reactor: Any) -> None:
     control_vhost, tenant_vhost = await threads.deferToThread(lab.vhosts, "run")
     try:
         await run(lab, reactor, control_vhost, tenant_vhost)
+        await lab.stop_processes()
+        await lifecycle_demo(lab, reactor, control_vhost)
     finally:
         say("\n== Tearing down")
         await lab.stop_processes()

@@ -173,12 +173,19 @@ class Lab:
         argv = [TWISTD, "-n", "--pidfile="] + logging + ["msgmux", "--config", config_path]
         return self.spawn(argv, label, in_tenant_network, log_path)
 
-    def spawn(self, argv: list[str], label: str, in_tenant_network: bool = False, log_path: str | None = None) -> HalfProcess:
+    def spawn(
+        self,
+        argv: list[str],
+        label: str,
+        in_tenant_network: bool = False,
+        log_path: str | None = None,
+        environment_extra: dict[str, str] | None = None,
+    ) -> HalfProcess:
         """Run any lab process (its output is kept in memory if no log is given)."""
         process = HalfProcess(label, log_path or self.path("logs", f"{label}.log"))
         if in_tenant_network:
             argv = self.namespace.argv(argv)
-        environment = dict(os.environ)
+        environment = dict(os.environ, **(environment_extra or {}))
         environment["PYTHONPATH"] = REPO + os.pathsep + environment.get("PYTHONPATH", "")
         self.reactor.spawnProcess(process, argv[0], argv, env=environment, path=self.root)
         self.processes.append(process)

@@ -276,14 +276,15 @@ class Peer:
         C{[id, ok, sent_at, error]} per message.
         """
         kind, count, rate = command["kind"], command["count"], command["rate"]
+        first = command.get("first", 0)  # ids first..first+count-1, so that rounds of load can be told apart
         client = self.client(command) if kind in ("cast", "call") else None
         notifier = None
         if kind == "notify":
             notifier = om.Notifier(self.notifications, publisher_id="lab.load", driver="messagingv2", topics=[command["topic"]])
         results: list[list[Any]] = []
         started = time.monotonic()
-        for index in range(count):
-            delay = started + index / rate - time.monotonic()
+        for index in range(first, first + count):
+            delay = started + (index - first) / rate - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
             sent_at = time.time()

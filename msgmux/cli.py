@@ -6,7 +6,9 @@ The C{msgmux} command for operators.
    (exit status 1 and the file/key of the problem otherwise);
  - C{msgmux status --config FILE} (or C{--metrics ENDPOINT}): ask a running
    msgmux for its links, their health, rates and calls in flight.  It reads
-   C{/status} twice, a second apart, to compute rates.
+   C{/status} twice, a second apart, to compute rates;
+ - C{msgmux link add FILE | remove NAME | list | show NAME}: change a running
+   control half's links (L{msgmux.linkcli}).
 
 When the reader of its output goes away early (C{msgmux check-config FILE
 | head}), it stops quietly with status 141, as a command killed by
@@ -28,6 +30,7 @@ from twisted.internet import defer, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, UNIXClientEndpoint
 from twisted.web.client import Agent, readBody
 
+from msgmux import linkcli
 from msgmux.config import Config, ConfigError, load
 from msgmux.oslo.tokens import key_id
 
@@ -70,11 +73,20 @@ def describe(config: Config) -> str:
             for direction, rules in (("down", link.notifications_down), ("up", link.notifications_up)):
                 for note in rules:
                     lines.append(f"    {direction:5} notifications {note.topic} priorities={list(note.priorities)}")
+            if link.tenant is not None:
+                tenant = link.tenant
+                hosts = ", ".join(f"{h.host}:{h.port}" for h in tenant.broker.hosts)
+                lines.append(
+                    f"    tenant half run by msgmux: namespace {tenant.namespace}, user {tenant.user}:{tenant.group},"
+                    f" broker {hosts} vhost {tenant.broker.virtual_host!r}"
+                )
             limits = link.limits
             lines.append(
                 f"    limits: {limits.max_message_size} bytes, {limits.max_rate:g} msg/s (burst {limits.burst}),"
                 f" {limits.max_inflight_calls} calls in flight"
             )
+    if config.control is not None and config.control.admin_socket is not None:
+        lines.append(f"admin socket: {config.control.admin_socket}; links added at run time kept in {config.control.state_file}")
     if config.tenant is not None:
         tenant = config.tenant
         hosts = ", ".join(f"{h.host}:{h.port}" for h in tenant.broker.hosts)
@@ -169,6 +181,15 @@ def render_status(first: dict[str, Any], second: dict[str, Any], interval: float
             f" {'-' if inflight is None else inflight['down'] + inflight['up']:>6}"
             f" {link['rejected']['down'] + link['rejected']['up']:>9}"
         )
+    halves = second.get("tenant_halves")
+    if halves:
+        lines.append(f"{'tenant half':24} {'state':22} {'pid':>7} {'restarts':>8} {'uptime s':>9}  last exit")
+        for half in halves:
+            last = "-" if half["last_exit"] is None else f"{half['last_exit']} ({half['last_reason']})"
+            lines.append(
+                f"{half['link']:24} {half['state']:22} {half['pid'] or '-':>7} {half['restarts']:>8}"
+                f" {'-' if half['uptime'] is None else half['uptime']:>9}  {last}"
+            )
     for broker in second["brokers"]:
         state = "connected to " + broker["address"] if broker["connected"] else "DISCONNECTED"
         if broker.get("blocked"):
@@ -226,9 +247,12 @@ def _main(argv: list[str] | None) -> None:
     where.add_argument("--metrics", help="the metrics endpoint, e.g. tcp:9464:interface=127.0.0.1")
     state.add_argument("--interval", type=float, default=1.0, help="seconds between the two samples (rates)")
     state.add_argument("--json", action="store_true", help="print the raw status document")
+    linkcli.add_arguments(commands)
     arguments = parser.parse_args(argv)
     if arguments.command == "check-config":
         sys.exit(check_config(arguments.file, sys.stdout))
+    if arguments.command == "link":
+        sys.exit(linkcli.run(arguments))
 
     def run(reactor: Any) -> defer.Deferred[None]:
         async def go() -> None:

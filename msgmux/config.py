@@ -19,6 +19,7 @@ import attrs
 
 from msgmux._toml import ConfigError, Section
 from msgmux.oslo.tokens import MAX_VERIFY_KEYS
+from msgmux.tenantspec import SupervisionConfig, TenantSpec, read_supervision, read_tenant_spec
 
 __all__ = [
     "BrokerConfig",
@@ -31,9 +32,12 @@ __all__ = [
     "NotificationRule",
     "QueueOptions",
     "RpcRule",
+    "SupervisionConfig",
     "TenantConfig",
+    "TenantSpec",
     "load",
     "parse",
+    "parse_link",
     "parse_transport_url",
 ]
 
@@ -193,6 +197,8 @@ class LinkConfig:
     @ivar socket_mode: file mode of that socket.
     @ivar down: routes from the control broker to the tenant broker.
     @ivar up: routes from the tenant broker to the control broker.
+    @ivar tenant: where the control half runs this link's tenant half, or
+        L{None} when the tenant half is started some other way.
     """
 
     name: str
@@ -203,6 +209,7 @@ class LinkConfig:
     notifications_down: tuple[NotificationRule, ...] = ()
     notifications_up: tuple[NotificationRule, ...] = ()
     limits: Limits = Limits()
+    tenant: TenantSpec | None = None
 
 
 @attrs.frozen
@@ -222,6 +229,15 @@ class ControlConfig:
     @ivar canary_interval: seconds between canaries, msgmux's own probe
         messages that go round through both brokers; a link is healthy when
         one made it round within three intervals.
+    @ivar default_limits: C{[control.limits]}, the limits of links that do
+        not set their own (links added at run time need them too).
+    @ivar admin_socket: path of the Unix socket C{msgmux link ...} talks
+        to, or L{None} for no run-time link changes.
+    @ivar admin_group: the group, besides root, allowed on that socket.
+    @ivar state_file: where links added at run time are kept across
+        restarts.
+    @ivar supervision: C{[control.supervision]}, or L{None} when no tenant
+        half is supervised.
     """
 
     broker: BrokerConfig
@@ -232,6 +248,11 @@ class ControlConfig:
     link_window: int = 256
     metrics: str | None = None
     canary_interval: float = 10.0
+    default_limits: Limits = Limits()
+    admin_socket: str | None = None
+    admin_group: str | None = None
+    state_file: str | None = None
+    supervision: SupervisionConfig | None = None
 
 
 @attrs.frozen
@@ -335,9 +356,15 @@ def _control(section: Section) -> ControlConfig:
     metrics = section.get("metrics", str, None, _endpoint_problem)
     canary_interval = section.get("canary_interval", float, 10.0, _between(0.1, 600, "seconds", low_inclusive=True))
     default_limits = _limits(section.table("limits"), Limits())
-    links = tuple(_link(link, default_limits, broker.exchange) for link in section.tables("links"))
-    if not links:
-        raise section.error("links", "needs at least one [[control.links]] entry")
+    admin_socket = section.get("admin_socket", str, None, _socket_problem)
+    admin_group = section.get("admin_group", str, None, _admin_group_problem)
+    state_file = section.get("state_file", str, None, lambda v: None if v.startswith("/") else "must be an absolute path")
+    if admin_socket is not None and state_file is None:
+        raise section.error("state_file", "is required with admin_socket: links added at run time must survive a restart")
+    supervision = read_supervision(section.table("supervision")) if section.has("supervision") else None
+    links = tuple(_link(link, default_limits, broker.exchange, supervision) for link in section.tables("links"))
+    if not links and admin_socket is None:
+        raise section.error("links", "needs at least one [[control.links]] entry (or an admin_socket to add links at run time)")
     _unique(section, "links", [link.name for link in links], "name")
     _unique(section, "links", [link.socket for link in links], "socket")
     section.finish()
@@ -350,6 +377,11 @@ def _control(section: Section) -> ControlConfig:
         link_window=window,
         metrics=metrics,
         canary_interval=canary_interval,
+        default_limits=default_limits,
+        admin_socket=admin_socket,
+        admin_group=admin_group,
+        state_file=state_file,
+        supervision=supervision,
     )
 
 
@@ -367,6 +399,31 @@ def _read_key(section: Section, name: str, path: str) -> bytes:
     if len(key) < 16:
         raise section.error(name, f"{path} must hold at least 16 bytes of secret")
     return key
+def _admin_group_problem(value: str) -> str | None:
+    import grp
+
+    try:
+        grp.getgrnam(value)
+    except KeyError:
+        return f"no group {value!r} on this host"
+    return None
+
+
+def parse_link(table: dict[str, Any], source: str, control: ControlConfig, prefix: str = "") -> LinkConfig:
+    """
+    Validate one link given as a table, exactly as a C{[[control.links]]}
+    entry of the configuration file is validated: links added at run time
+    and the state file get the same checks and the same messages.
+
+    @param table: the link's keys (C{name}, C{socket}, C{down}, ...).
+    @param source: what to name as the file in errors (the state file, or
+        the request's origin).
+    @param control: the running control half's configuration (its
+        exchange, default limits and supervision settings apply).
+    @param prefix: the dotted key of the table, for errors.
+    @raise ConfigError: naming the key.
+    """
+    return _link(Section(source, prefix, table), control.default_limits, control.broker.exchange, control.supervision)
 
 
 def _unique(section: Section, name: str, values: list[str], what: str) -> None:
@@ -540,12 +597,8 @@ def _message_size_problem(value: int) -> str | None:
     return None
 
 
-def _link(section: Section, default_limits: Limits, exchange: str) -> LinkConfig:
-    name = section.get(
-        "name",
-        str,
-        check=lambda v: None if _LINK_NAME.match(v) else "must be 1-63 letters, digits, _ . - starting with a letter or digit",
-    )
+def _link(section: Section, default_limits: Limits, exchange: str, supervision: SupervisionConfig | None = None) -> LinkConfig:
+    name = section.get("name", str, check=_link_name_problem)
     socket = section.get("socket", str, check=_socket_problem)
     mode_text = section.get("socket_mode", str, "0660", _socket_mode_problem)
     down = tuple(_rpc_rule(rule, upstream=False) for rule in section.tables("down"))
@@ -554,6 +607,10 @@ def _link(section: Section, default_limits: Limits, exchange: str) -> LinkConfig
     notifications_up = tuple(_notification_rule(rule) for rule in section.tables("notifications_up"))
     limits = _limits(section.table("limits"), default_limits)
     _no_loops(section, exchange, down, up, notifications_down, notifications_up)
+    tenant = None
+    if section.has("tenant"):
+        tenant_section = section.table("tenant")
+        tenant = read_tenant_spec(tenant_section, supervision, _broker, section.get("tenant", dict))
     section.finish()
     return LinkConfig(
         name=name,
@@ -564,7 +621,38 @@ def _link(section: Section, default_limits: Limits, exchange: str) -> LinkConfig
         notifications_down=notifications_down,
         notifications_up=notifications_up,
         limits=limits,
+        tenant=tenant,
     )
+
+
+def _link_name_problem(value: str) -> str | None:
+    if not _LINK_NAME.match(value):
+        return "must be 1-63 letters, digits, _ . - starting with a letter or digit"
+    return None
+
+
+def supervised_tenant(
+    name: str, socket: str, table: dict[str, Any], supervision: SupervisionConfig, source: str
+) -> tuple[TenantSpec, TenantConfig]:
+    """
+    Check a supervised tenant half's settings again, where they are used (the
+    privileged spawner trusts nothing it is sent), with the checks of the
+    configuration file.
+
+    @param name: the link's name.
+    @param socket: the link's socket.
+    @param table: the link's C{tenant} table.
+    @param supervision: the users and groups allowed.
+    @param source: what to name as the file in errors.
+    @return: the settings, and the configuration the tenant half runs with.
+    @raise ConfigError: naming the key.
+    """
+    section = Section(source, "", {"name": name, "socket": socket, "tenant": table})
+    name = section.get("name", str, check=_link_name_problem)
+    socket = section.get("socket", str, check=_socket_problem)
+    spec = read_tenant_spec(section.table("tenant"), supervision, _broker, table)
+    section.finish()
+    return spec, TenantConfig(broker=spec.broker, socket=socket, link=name, link_window=spec.link_window)
 
 
 def _rpc_rule(section: Section, upstream: bool) -> RpcRule:

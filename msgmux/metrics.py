@@ -101,6 +101,9 @@ class MsgmuxCollector:
         """
         self.links = links
         self.brokers = list(brokers)
+        #: More sources of metric families and status keys (C{collect()},
+        #: C{status()}), such as the supervised tenant halves.
+        self.extras: list[Any] = []
 
     def collect(self) -> Iterable[Any]:
         base = ("half", "link")
@@ -152,9 +155,17 @@ class MsgmuxCollector:
             blocked.add_metric([broker.name], 1 if protocol is not None and protocol.blocked else 0)
         yield connected
         yield blocked
+        for extra in self.extras:
+            yield from extra.collect()
 
     def status(self) -> dict[str, Any]:
         """The JSON document behind C{/status}."""
+        document = self._status()
+        for extra in self.extras:
+            document.update(extra.status())
+        return document
+
+    def _status(self) -> dict[str, Any]:
         return {
             "links": [dict(link.status(), half=half) for half, link in self.links()],
             "brokers": [

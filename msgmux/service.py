@@ -29,10 +29,13 @@ from msgmux.amqp.broker import BrokerService
 from msgmux.config import Config, ConfigError, ControlConfig, LinkConfig, TenantConfig, load
 from msgmux.control import ControlLink, ControlLinkFactory
 from msgmux.control.listener import LinkListener, listen_now
+from msgmux.lifecycle import ControlLifecycle
+from msgmux.linkstore import StoredLink
 from msgmux.metrics import MetricsSite, MsgmuxCollector
 from msgmux.oslo.tokens import TokenSigner
 from msgmux.oslo.topology import OsloTopology
 from msgmux.reply_queues import ReplyQueueDeclarer
+from msgmux.sdnotify import Notifier
 from msgmux.tenant import TenantLink, TenantLinkFactory
 
 __all__ = ["ControlHalf", "MsgmuxService", "TenantHalf"]
@@ -199,16 +202,28 @@ class MsgmuxService(Service):
     _log = Logger()
     _previous_hup: Any = None
 
-    def __init__(self, config: Config, reactor: Any) -> None:
+    def __init__(self, config: Config, reactor: Any, stored_links: list[StoredLink] | None = None) -> None:
+        """
+        @param stored_links: the control half's links from its state file.
+        """
         self.config = config
         self.reactor = reactor
         self.control = ControlHalf(config.control, reactor) if config.control else None
         self.tenant = TenantHalf(config.tenant, reactor) if config.tenant else None
-        self.collector = MsgmuxCollector(self._monitored, self._brokers())
-        # Reloads (which wait for removed links to drain) and the stop run
-        # one at a time, so that two SIGHUPs in a row apply the newest file
-        # once each, and a stop never meets a reload halfway.
+        # Reloads (which wait for removed links to drain), run-time link
+        # changes and the stop run one at a time, so that two SIGHUPs in a
+        # row apply the newest file once each, and a stop never meets a
+        # reload halfway.
         self._changes = defer.DeferredLock()
+        self.lifecycle = (
+            ControlLifecycle(self.control, reactor, stored_links or [], self._changes.run, self._spawner_lost)
+            if self.control is not None
+            else None
+        )
+        self.notifier = Notifier(None)
+        self.collector = MsgmuxCollector(self._monitored, self._brokers())
+        if self.lifecycle is not None:
+            self.collector.extras.append(self.lifecycle)
         self._metrics_address = (config.control.metrics if config.control else None) or (config.tenant.metrics if config.tenant else None)
         self._metrics_port: IListeningPort | None = None
 
@@ -223,20 +238,49 @@ class MsgmuxService(Service):
     def _brokers(self) -> list[BrokerService]:
         return [half.broker for half in (self.control, self.tenant) if half is not None]
 
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        # Host names are encoded with the idna codec, which Python imports on
+        # first use: do that while the interpreter's files are surely
+        # readable, before twistd --uid drops privileges.
+        "localhost".encode("idna")
+        self.notifier = Notifier.from_environment()
+        if self.lifecycle is not None:
+            self.lifecycle.privileged_start()
+
     def startService(self) -> None:
         super().startService()
         self._log.info("msgmux starting from {path}", path=self.config.path)
         self._previous_hup = signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
         if self.control is not None:
             self.control.start()
+        if self.lifecycle is not None:
+            self.lifecycle.start()
         if self.tenant is not None:
             self.tenant.start()
         if self._metrics_address:
             endpoint = serverFromString(self.reactor, self._metrics_address)
             self._metrics_port = listen_now(endpoint, MetricsSite(self.collector))
+        self._notify_when_ready()
+
+    def _notify_when_ready(self) -> None:
+        """C{READY=1} once the sockets are bound (above) and every broker is logged in."""
+        waits = [broker.when_connected() for broker in self._brokers()]
+        if self.lifecycle is not None:
+            waits += self.lifecycle.ready()
+        links = len(self.control.links) if self.control is not None else 0
+        ready = defer.gatherResults(waits, consumeErrors=True)
+        ready.addCallback(lambda _: self.notifier.ready(f"serving {links} links"))
+        ready.addErrback(lambda failure: self._log.info("Stopped before ready: {error}", error=failure.getErrorMessage()))
+        self.notifier.start_watchdog(self.reactor)
+
+    def _spawner_lost(self) -> None:
+        self._log.critical("msgmux stops: it cannot supervise tenant halves without the spawner (let systemd restart it)")
+        self.reactor.stop()
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
+        self.notifier.stopping()
         if self._previous_hup is not None:
             signal.signal(signal.SIGHUP, self._previous_hup)
         return self._changes.run(lambda: defer.Deferred.fromCoroutine(self._stop()))
@@ -260,14 +304,21 @@ class MsgmuxService(Service):
             return
         if config.tenant != self.config.tenant:
             self._log.warn("Reload: tenant half changes take effect only after a restart")
-        if self.control is not None and config.control is not None:
-            await self.control.reload(config.control)
+        if self.control is not None and config.control is not None and self.lifecycle is not None:
+            control = self.lifecycle.pin(config.control)
+            if isinstance(control, str):
+                self._log.error("Reload refused, keeping the running configuration: {error}", error=control)
+                return
+            await self.control.reload(control)
+            self.lifecycle.reloaded()
         elif (self.control is None) != (config.control is None):
             self._log.warn("Reload: adding or removing a half takes effect only after a restart")
         self.config = attrs.evolve(config, tenant=self.config.tenant)
         self._log.info("Reloaded {path}", path=self.config.path)
 
     async def _stop(self) -> None:
+        if self.lifecycle is not None:
+            await self.lifecycle.stop_admin()
         port, self._metrics_port = self._metrics_port, None
         if port is not None:
             await defer.maybeDeferred(port.stopListening)
@@ -275,4 +326,7 @@ class MsgmuxService(Service):
             await self.tenant.stop()
         if self.control is not None:
             await self.control.stop()
+        if self.lifecycle is not None:
+            # After the links drained: the halves confirm what was in flight.
+            await self.lifecycle.stop_halves()
         self._log.info("msgmux stopped")

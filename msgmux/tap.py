@@ -14,6 +14,7 @@ from typing import Any
 from twisted.python import usage
 
 from msgmux.config import Config, ConfigError, load
+from msgmux.linkstore import LinkStore, StoredLink
 from msgmux.service import MsgmuxService
 
 
@@ -29,6 +30,7 @@ class Options(usage.Options):
     optParameters = [["config", "c", None, "Path of the msgmux TOML configuration file."]]
 
     config: Config
+    stored_links: list[StoredLink]
 
     def postOptions(self) -> None:
         path = self["config"]
@@ -37,6 +39,8 @@ class Options(usage.Options):
         try:
             self.config = load(path)
             check_endpoints(self.config)
+            control = self.config.control
+            self.stored_links = LinkStore(control.state_file).load(control) if control and control.state_file else []
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
 
@@ -72,4 +76,4 @@ def makeService(options: Options, reactor: Any = None) -> MsgmuxService:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
-    return MsgmuxService(options.config, reactor)
+    return MsgmuxService(options.config, reactor, getattr(options, "stored_links", []))

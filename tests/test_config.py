@@ -275,6 +275,7 @@ class ValidConfigTests(ConfigTestCase):
                 link_heartbeat=2.5,
                 link_window=128,
                 metrics="tcp:9100",
+                default_limits=limits_b,
             ),
             tenant=TenantConfig(
                 broker=BrokerConfig(
