@@ -22,8 +22,10 @@ $(STAMP): setup.py
 
 venv: $(STAMP)
 
-# Every test: unit tests, codec fuzzing, and the integration tests against two real brokers.
+# Every test: unit tests, codec fuzzing, the integration tests against two real brokers,
+# and the alerting rules (promtool, installed from Debian's prometheus package when missing).
 test: $(STAMP)
+	lab/install-promtool
 	MSGMUX_INTEGRATION=1 $(PY) -m twisted.trial --temp-directory=/tmp/msgmux-trial tests
 
 # Unit tests only (no root, no brokers).

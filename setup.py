@@ -14,7 +14,10 @@ setup(
     packages=find_packages(exclude=["tests", "tests.*", "lab", "lab.*"]) + ["twisted.plugins"],
     package_data={"msgmux": ["py.typed"], "msgmux.amqp": ["amqp0-9-1.xml"]},
     install_requires=[
-        "Twisted>=24.7",
+        # msgmux relies on a few private details of Twisted and txAMQP
+        # (msgmux/_private_apis.py, checked by tests/test_private_apis.py):
+        # the upper bounds are the newest versions that test passed with.
+        "Twisted>=24.7,<27",
         "txAMQP>=0.8.2,<0.9",
         "attrs>=23.1",
         "cbor2>=5.6",

@@ -108,6 +108,7 @@ class ControlLifecycle:
         if self.admin is not None:
             self.admin.start()
         if self.supervisor is not None:
+            self.control.peer_check = self.supervisor.peer_problem
             self.supervisor.start()
             for link in self._supervised():
                 self.supervisor.add(link)

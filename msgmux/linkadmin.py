@@ -41,6 +41,7 @@ class ControlHalfLike(Protocol):
 
     config: ControlConfig
     links: dict[str, Any]
+    peer_check: Callable[[str, tuple[int, int, int] | None], str | None]
 
     def add_link(self, link: LinkConfig) -> None:
         """Listen on and serve a new link; raise if its socket cannot be bound."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Any
+from typing import Any, Callable
 
 import attrs
 from twisted.application.internet import ClientService, backoffPolicy
@@ -62,6 +62,9 @@ class ControlHalf:
         else:
             self._log.info("Reply keys: signing with {signing}, also verifying {verifying}", **self.signer.key_ids())
         self.links: dict[str, ControlLink] = {}
+        #: Says why a process may not be a link's tenant half (set by the
+        #: tenant half supervisor), or L{None}.
+        self.peer_check: Callable[[str, tuple[int, int, int] | None], str | None] = lambda link, peer: None
         self._listeners: dict[str, LinkListener] = {}
         self._started = False
         self.reply_queues = ReplyQueueDeclarer(
@@ -72,6 +75,7 @@ class ControlHalf:
 
     def _serve(self, config: LinkConfig) -> None:
         link = ControlLink(config, self.config, self.broker, self.signer, self.reactor)
+        link.peer_check = lambda peer: self.peer_check(config.name, peer)
         self.links[config.name] = link
         self._listeners[config.name] = LinkListener(self.reactor, config, ControlLinkFactory(link))
 

@@ -122,6 +122,25 @@ class TenantSupervisor:
 
     # --- what the control half asks ------------------------------------------
 
+    def peer_problem(self, link: str, peer: tuple[int, int, int] | None) -> str | None:
+        """
+        Whether a process connecting to C{link}'s socket may be its tenant
+        half: for a supervised link, only the half this supervisor started.
+        Halves share users and groups, so without this one half could take
+        another link's session while that link's half is down.
+
+        @param peer: the connecting process's (pid, uid, gid) from
+            C{SO_PEERCRED}.
+        @return: why it may not, or L{None}.
+        """
+        half = self.halves.get(link)
+        if half is None:
+            return None  # not supervised here: the socket's permissions decide
+        if peer is None or half.pid is None or peer[0] != half.pid:
+            pid = peer[0] if peer is not None else "unknown"
+            return f"link {link!r} is supervised: only its tenant half (pid {half.pid}) may connect, not pid {pid}"
+        return None
+
     def add(self, link: LinkConfig) -> None:
         """Supervise C{link}'s tenant half (the link has a C{tenant} table)."""
         if link.tenant is None:

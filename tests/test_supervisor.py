@@ -76,6 +76,20 @@ class SupervisorTests(SynchronousTestCase):
             },
         )
 
+    def test_only_the_supervised_half_may_connect(self) -> None:
+        """
+        Halves share users and groups: for a supervised link, only the pid
+        the supervisor started may take the session; links it does not
+        supervise are left to their sockets' permissions.
+        """
+        self.running("r1", pid=100)
+        self.assertIsNone(self.supervisor.peer_problem("r1", (100, 65534, 65534)))
+        self.assertIn("only its tenant half (pid 100)", self.supervisor.peer_problem("r1", (101, 65534, 65534)) or "")
+        self.assertIsNotNone(self.supervisor.peer_problem("r1", None))
+        self.assertIsNone(self.supervisor.peer_problem("other", (101, 0, 0)))
+        self.supervisor.event(Exited("r1", 100, 1, None))
+        self.assertIsNotNone(self.supervisor.peer_problem("r1", (100, 65534, 65534)))
+
     def test_restart_with_backoff(self) -> None:
         """Each exit in a row doubles the delay, up to the ceiling; restarts are counted."""
         self.running()

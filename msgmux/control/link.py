@@ -12,7 +12,7 @@ builds that session's relay from its parts.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -65,6 +65,9 @@ class ControlLink:
         self.streams: dict[str, StreamPosition] = {}
         self.relay: Relay | None = None
         self.retired = False
+        #: Says why a connecting process may not be this link's tenant half
+        #: (its C{SO_PEERCRED}), or L{None}: set when msgmux supervises it.
+        self.peer_check: Callable[[tuple[int, int, int] | None], str | None] = lambda peer: None
         self._sessions = TokenBucket(SESSION_RATE, SESSION_BURST, clock)
         self._buckets()
 
@@ -140,6 +143,10 @@ class ControlLink:
         """
         if self.retired:
             return f"link {self.name!r} was removed from the configuration"
+        refused = self.peer_check(getattr(connection, "peer", None))
+        if refused is not None:
+            self.stats.count("sessions_refused")
+            return refused
         if self.relay is not None:
             return f"link {self.name!r} already has a tenant half connected"
         if not self._sessions.take(1):
