@@ -79,7 +79,8 @@ def utc_datetimes(draw: Draw) -> datetime.datetime:
             timezones=st.just(datetime.timezone.utc),
         )
     )
-    return value.replace(microsecond=0)  # type: ignore[no-any-return]
+    whole: datetime.datetime = value.replace(microsecond=0)
+    return whole
 
 
 _header_scalars = st.one_of(

@@ -498,7 +498,9 @@ class RefusalTests(SynchronousTestCase):
         """Tags 1 (epoch time) and 4 (decimal fraction) are accepted in headers."""
         head = _valid_head()
         head[3] = {"headers": {"t": cbor2.CBORTag(1, 0), "d": cbor2.CBORTag(4, [-2, 1234])}}
-        headers = decode_frame(MSG, _msg_payload(cbor2.dumps(head))).message.properties["headers"]  # type: ignore[union-attr]
+        frame = decode_frame(MSG, _msg_payload(cbor2.dumps(head)))
+        assert isinstance(frame, MessageFrame)
+        headers = frame.message.properties["headers"]
         self.assertEqual(headers["t"].timestamp(), 0)
         self.assertEqual(headers["d"], decimal.Decimal("12.34"))
 
@@ -618,7 +620,9 @@ class RefusalTests(SynchronousTestCase):
             self.assert_msg_refused(4, deadline)
         head = _valid_head()
         head[4] = 1700000000
-        self.assertEqual(decode_frame(MSG, _msg_payload(cbor2.dumps(head))).message.deadline, 1.7e9)  # type: ignore[union-attr]
+        frame = decode_frame(MSG, _msg_payload(cbor2.dumps(head)))
+        assert isinstance(frame, MessageFrame)
+        self.assertEqual(frame.message.deadline, 1.7e9)
 
     def test_wrong_field_counts(self) -> None:
         """Every type whose payload is an array of fields refuses a missing or an extra field."""

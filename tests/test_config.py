@@ -390,7 +390,7 @@ class ReplyKeyTests(ConfigTestCase):
         self.assertEqual(control.reply_key, b"new-key-0123456789")
         self.assertEqual(control.reply_verify_keys, (b"old-key-0123456789", b"older-key-0123456789"))
         self.assertNotIn("key-0123456789", repr(control))
-        self.assertEqual(parse(CONTROL).control.reply_verify_keys, ())  # type: ignore[union-attr]
+        self.assertEqual(control_config(CONTROL).reply_verify_keys, ())
 
     def test_verify_key_errors(self) -> None:
         """Each problem names reply_verify_key_files, or the entry whose file is at fault."""
@@ -409,7 +409,7 @@ class ReplyKeyTests(ConfigTestCase):
         error = self.assertRaises(ConfigError, parse, self.keys(f"'{good}'", "['/nonexistent/old.key']"))
         self.assertIn("/nonexistent/old.key", str(error))
         # Three are allowed.
-        self.assertEqual(len(parse(self.keys(f"'{good}'", repr([good] * 3))).control.reply_verify_keys), 3)  # type: ignore[union-attr]
+        self.assertEqual(len(control_config(self.keys(f"'{good}'", repr([good] * 3))).reply_verify_keys), 3)
 
 
 class TransportUrlTests(SynchronousTestCase):

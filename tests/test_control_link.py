@@ -15,17 +15,9 @@ from msgmux.control.link import SESSION_BURST
 from msgmux.link import codec
 from msgmux.link.handshake import ControlLinkProtocol
 from msgmux.oslo.tokens import TokenSigner
-from tests.doubles import clock, control_config, idle_broker
+from tests.doubles import clock, control_config, idle_broker, one_link
 
-CONFIG = """
-[control]
-transport_url = "rabbit://guest:guest@127.0.0.1:5672/"
-
-[[control.links]]
-name = "tenant-a"
-socket = "/run/msgmux/tenant-a.sock"
-down = [ { topic = "l3_agent", servers = ["agent-1"] } ]
-"""
+CONFIG = one_link('down = [ { topic = "l3_agent", servers = ["agent-1"] } ]')
 
 
 def hello() -> bytes:

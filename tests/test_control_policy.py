@@ -25,24 +25,14 @@ from msgmux.oslo.tokens import TokenSigner
 from msgmux.oslo.topology import OsloTopology
 from msgmux.policy import Publication, Refusal
 from msgmux.stats import LinkStats
-from tests.doubles import OSLO_PROPERTIES, broker_connection, clock, control_config, delivery, inner_of, open_channel, oslo_body
+from tests.doubles import OSLO_PROPERTIES, broker_connection, clock, control_config, delivery, inner_of, one_link, open_channel, oslo_body
 
-CONFIG = """
-[control]
-transport_url = "rabbit://guest:guest@127.0.0.1:5672/"
-
-[[control.links]]
-name = "tenant-a"
-socket = "/run/msgmux/tenant-a.sock"
-down = [ { topic = "l3_agent", servers = ["agent-1"] }, { topic = "dhcp_agent", methods = ["port_update"] } ]
-up = [ { topic = "q-reports", methods = ["report_state"] } ]
-notifications_up = [ { topic = "notifications", priorities = ["info"] } ]
-
-[control.links.limits]
-max_inflight_calls = 1
-max_message_size = 4096
-max_json_containers = 100
-"""
+CONFIG = one_link(
+    'down = [ { topic = "l3_agent", servers = ["agent-1"] }, { topic = "dhcp_agent", methods = ["port_update"] } ]\n'
+    'up = [ { topic = "q-reports", methods = ["report_state"] } ]\n'
+    'notifications_up = [ { topic = "notifications", priorities = ["info"] } ]\n',
+    "max_inflight_calls = 1\nmax_message_size = 4096\nmax_json_containers = 100\n",
+)
 
 
 class PolicyTestCase(SynchronousTestCase):

@@ -87,7 +87,8 @@ class KeyReloadTests(SynchronousTestCase):
         self.configure('reply_key_file = "{directory}/signing.key"')
         self.reload()
         self.assertEqual([self.verifies(token) for token in (before, during, after)], [False, False, True])
-        self.assertEqual(self.service.control.config.reply_verify_keys, ())  # type: ignore[union-attr]
+        assert self.service.control is not None
+        self.assertEqual(self.service.control.config.reply_verify_keys, ())
 
     def test_refused_reload_keeps_keys(self) -> None:
         """A key file that became unreadable or too short makes the reload fail; the running keys stay."""
@@ -103,4 +104,5 @@ class KeyReloadTests(SynchronousTestCase):
         self.configure("")
         self.reload()
         self.assertTrue(self.verifies(before))
-        self.assertEqual(self.service.control.config.reply_key, OLD)  # type: ignore[union-attr]
+        assert self.service.control is not None
+        self.assertEqual(self.service.control.config.reply_key, OLD)

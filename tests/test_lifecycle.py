@@ -91,7 +91,7 @@ class LifecycleServiceTests(SynchronousTestCase):
         self.assertEqual(status["spawner"], {"pid": 7})
         self.assertEqual((status["tenant_halves"][0]["state"], status["tenant_halves"][0]["pid"]), ("running", 4242))
         registry = CollectorRegistry()
-        registry.register(self.service.collector)  # type: ignore[arg-type]
+        registry.register(self.service.collector)
         text = generate_latest(registry).decode()
         self.assertIn('msgmux_tenant_half_up{link="r1"} 1.0', text)
         self.assertIn('msgmux_tenant_half_restarts_total{link="r1"} 0.0', text)

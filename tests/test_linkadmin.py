@@ -18,6 +18,7 @@ from msgmux._toml import ConfigError
 from msgmux.config import ControlConfig, LinkConfig, parse
 from msgmux.linkadmin import AdminError, LinkAdmin
 from msgmux.linkstore import LinkStore
+from tests.doubles import control_config
 
 CONTROL = """
 [control]
@@ -91,7 +92,8 @@ class LinkAdminTests(SynchronousTestCase):
 
     def stored(self) -> list[dict[str, Any]]:
         with open(self.store.path) as f:
-            return json.load(f)["links"]  # type: ignore[no-any-return]
+            links: list[dict[str, Any]] = json.load(f)["links"]
+        return links
 
     def refused(self, deferred: defer.Deferred[Any]) -> str:
         return str(self.failureResultOf(deferred, AdminError).value)
@@ -201,7 +203,7 @@ class LinkStoreTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.directory = tempfile.mkdtemp(prefix="msgmux-test-")
         self.addCleanup(shutil.rmtree, self.directory)
-        self.config = parse(CONTROL.format(directory=self.directory)).control
+        self.config = control_config(CONTROL.format(directory=self.directory))
         self.store = LinkStore(os.path.join(self.directory, "links.json"))
 
     def write(self, text: str) -> None:
@@ -209,13 +211,13 @@ class LinkStoreTests(SynchronousTestCase):
             f.write(text)
 
     def test_missing_file_is_empty(self) -> None:
-        self.assertEqual(self.store.load(self.config), [])  # type: ignore[arg-type]
+        self.assertEqual(self.store.load(self.config), [])
 
     def test_round_trip_and_atomic(self) -> None:
         """save replaces the file in one rename and leaves no temporary file behind."""
         self.store.save([r1()])
         self.store.save([r1(), r1(name="r2", socket="/run/msgmux/r2.sock")])
-        self.assertEqual([link.name for _, link in self.store.load(self.config)], ["r1", "r2"])  # type: ignore[arg-type]
+        self.assertEqual([link.name for _, link in self.store.load(self.config)], ["r1", "r2"])
         self.assertEqual(sorted(os.listdir(self.directory)), ["links.json"])
 
     def test_errors_name_the_state_file_and_key(self) -> None:
@@ -233,4 +235,4 @@ class LinkStoreTests(SynchronousTestCase):
     def test_file_wins_on_clash(self) -> None:
         """A stored link with the name of a configured one is left out."""
         self.store.save([r1(name="static"), r1()])
-        self.assertEqual([link.name for _, link in self.store.load(self.config)], ["r1"])  # type: ignore[arg-type]
+        self.assertEqual([link.name for _, link in self.store.load(self.config)], ["r1"])

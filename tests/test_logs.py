@@ -65,7 +65,9 @@ class JSONLogTests(SynchronousTestCase):
         # Nothing of Twisted's bookkeeping, nothing nested.
         self.assertEqual([key for key in record if key.startswith("log_")], [])
         when = datetime.fromisoformat(record["asctime"])
-        self.assertEqual(when.utcoffset().total_seconds(), 0)  # type: ignore[union-attr]
+        offset = when.utcoffset()
+        assert offset is not None, "asctime carries no offset"
+        self.assertEqual(offset.total_seconds(), 0)
         self.assertAlmostEqual(when.timestamp(), record["created"], places=2)
 
     def test_levels(self) -> None:
@@ -169,7 +171,7 @@ class JSONLogTests(SynchronousTestCase):
         """Even an event the formatter chokes on yields a line (naming the problem) rather than nothing."""
         observer = JSONLogObserver(self.out, hostname="ctl-1")
 
-        class Hostile(dict):  # type: ignore[type-arg]
+        class Hostile(dict[str, Any]):
             def items(self) -> Any:
                 raise RuntimeError("cannot iterate")
 

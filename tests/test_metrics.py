@@ -9,16 +9,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from msgmux.control import ControlLink
 from msgmux.metrics import COUNTERS, MsgmuxCollector
 from msgmux.oslo.tokens import TokenSigner
-from tests.doubles import clock, control_config, idle_broker
+from tests.doubles import clock, control_config, idle_broker, one_link
 
-CONFIG = """
-[control]
-transport_url = "rabbit://guest:guest@127.0.0.1:5672/"
-
-[[control.links]]
-name = "tenant-a"
-socket = "/run/msgmux/tenant-a.sock"
-"""
+CONFIG = one_link()
 
 
 class CollectorTests(SynchronousTestCase):

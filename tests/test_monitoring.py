@@ -138,8 +138,8 @@ class DashboardTests(SynchronousTestCase):
         for variable in self.dashboard["templating"]["list"]:
             if variable["type"] == "query":
                 match = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", variable["query"]["query"])
-                self.assertIsNotNone(match, variable["name"])
-                found.append((f"variable {variable['name']}", match.group(1)))  # type: ignore[union-attr]
+                assert match is not None, variable["name"]
+                found.append((f"variable {variable['name']}", match.group(1)))
         return found
 
     def test_metrics_exist(self) -> None:

@@ -106,8 +106,9 @@ class SpawnerTests(SynchronousTestCase):
 
     def refusal(self) -> str:
         event = self.sent[-1]
-        self.assertIsInstance(event, Refused)
-        return event.reason  # type: ignore[no-any-return]
+        assert isinstance(event, Refused), event
+        reason: str = event.reason
+        return reason
 
     def test_start(self) -> None:
         """A valid start forks a half with the checked settings and reports its pid."""

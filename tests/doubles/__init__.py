@@ -47,6 +47,7 @@ __all__ = [
     "broker_connection",
     "confirm",
     "control_config",
+    "one_link",
     "delivery",
     "idle_broker",
     "inner_of",
@@ -79,6 +80,23 @@ def inner_of(body: bytes) -> dict[str, Any]:
     """The inner message of an oslo envelope."""
     inner: dict[str, Any] = json.loads(json.loads(body)["oslo.message"])
     return inner
+
+
+def one_link(routes: str = "", limits: str = "") -> str:
+    """
+    The TOML of a control half with one link, C{tenant-a}, on the machine's
+    broker.
+
+    @param routes: the link's route keys.
+    @param limits: the link's C{[control.links.limits]} keys.
+    """
+    return (
+        '[control]\ntransport_url = "rabbit://guest:guest@127.0.0.1:5672/"\n\n'
+        '[[control.links]]\nname = "tenant-a"\nsocket = "/run/msgmux/tenant-a.sock"\n'
+        + routes
+        + ("\n[control.links.limits]\n" + limits if limits else "")
+        + "\n"
+    )
 
 
 def control_config(text: str) -> ControlConfig:

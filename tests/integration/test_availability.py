@@ -19,29 +19,16 @@ from twisted.internet import task
 
 from lab import attacks
 from lab.bench import rss_bytes
+from lab.bench_availability import LINKS as TWO_LINKS
 from lab.hostile import connect_raw
 from tests.integration.support import LabTestCase, fetch_metrics, tenant_config
 
 #: The control half's resident memory must stay below this during the attacks.
 RSS_LIMIT = 200 * 1024 * 1024
 
-LINKS = """
-[[control.links]]
-name = "good"
-socket = "{good}"
-down = [ {{ topic = "agent" }} ]
-
-[[control.links]]
-name = "bad"
-socket = "{bad}"
-down = [ {{ topic = "victim" }} ]
-up = [ {{ topic = "q-reports", methods = ["report_state"] }} ]
-notifications_up = [ {{ topic = "notifications", priorities = ["info"] }} ]
-
-[control.links.limits]
-max_rate = 5000.0
-burst = 1000
-"""
+# The attacker's link may send faster than the default, so that each attack
+# takes seconds, not minutes.
+LINKS = TWO_LINKS + "\n[control.links.limits]\nmax_rate = 5000.0\nburst = 1000\n"
 
 
 def metric(text: str, name: str, **labels: str) -> float:

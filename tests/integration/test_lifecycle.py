@@ -81,10 +81,13 @@ class LifecycleTests(LabTestCase):
             good = {link["link"] for link in document["links"] if link.get("healthy")}
             return document if names <= good else None
 
-        return await wait_for(self.lab.reactor, f"links {sorted(names)} healthy", check, timeout)  # type: ignore[no-any-return]
+        document: dict[str, Any] = await wait_for(self.lab.reactor, f"links {sorted(names)} healthy", check, timeout)
+        return document
 
-    def half(self, document: dict[str, Any], name: str) -> dict[str, Any] | None:
-        return next((half for half in document.get("tenant_halves", []) if half["link"] == name), None)
+    def half(self, document: dict[str, Any], name: str) -> dict[str, Any]:
+        found: dict[str, Any] | None = next((half for half in document.get("tenant_halves", []) if half["link"] == name), None)
+        assert found is not None, f"no tenant half of {name} in the status"
+        return found
 
     async def tear_down(self, fleet: Fleet) -> None:
         for process in (fleet.control, fleet.forwarder):
@@ -175,7 +178,7 @@ class LifecycleTests(LabTestCase):
 
         # A router goes away: its namespace is deleted.
         gone = "l005"
-        gone_pid = self.half(await self.status(fleet), gone)["pid"]  # type: ignore[index]
+        gone_pid = self.half(await self.status(fleet), gone)["pid"]
         await threads.deferToThread(subprocess.run, ["ip", "netns", "delete", fleet.namespaces[5]], check=True)
 
         async def namespace_gone() -> dict[str, Any] | None:
@@ -188,7 +191,7 @@ class LifecycleTests(LabTestCase):
 
         # A link removed with the command: drained, half stopped, socket gone.
         removed = "l007"
-        removed_pid = self.half(await self.status(fleet), removed)["pid"]  # type: ignore[index]
+        removed_pid = self.half(await self.status(fleet), removed)["pid"]
         result = await threads.deferToThread(fleet.cli, "remove", removed)
         self.assertEqual(result.returncode, 0, result.stderr)
         document = await self.status(fleet)
@@ -213,7 +216,7 @@ class LifecycleTests(LabTestCase):
         document = await self.healthy(fleet, back | {"steady"})
         self.assertEqual({link["link"] for link in document["links"]}, back | {gone, "steady"})
         # A fresh control half has never seen that namespace: it waits for it.
-        self.assertEqual(self.half(document, gone)["state"], "waiting-for-namespace")  # type: ignore[index]
+        self.assertEqual(self.half(document, gone)["state"], "waiting-for-namespace")
         self.assertIn("restored from", control.log())
 
         # Nothing lost on the steady link, throughout.
@@ -249,7 +252,8 @@ class LifecycleTests(LabTestCase):
                 return self.notifications.count(message) >= count
 
     def control_pid(self, control: Any) -> int:
-        return control.transport.pid  # type: ignore[no-any-return]
+        pid: int = control.transport.pid
+        return pid
 
     def alive(self, pid: int) -> bool:
         try:
