@@ -1,5 +1,6 @@
 """msgmux packaging.  Runtime dependencies are the design's (Twisted, txAMQP,
-attrs, cbor2) plus prometheus_client for the metrics endpoint."""
+attrs, cbor2) plus prometheus_client for the metrics endpoint, and Twisted's
+TLS extra (pyOpenSSL, service_identity, idna) for TLS to the brokers."""
 
 from setuptools import find_packages, setup
 
@@ -14,7 +15,9 @@ setup(
     packages=find_packages(exclude=["tests", "tests.*", "lab", "lab.*"]) + ["twisted.plugins"],
     package_data={"msgmux": ["py.typed"], "msgmux.amqp": ["amqp0-9-1.xml"]},
     install_requires=[
-        "Twisted>=24.7",
+        # TLS to the brokers: Twisted's TLS transport and endpoints need
+        # pyOpenSSL, and its hostname/IP checks need service_identity and idna.
+        "Twisted[tls]>=24.7",
         "txAMQP>=0.8.2,<0.9",
         "attrs>=23.1",
         "cbor2>=5.6",
@@ -23,7 +26,7 @@ setup(
         "prometheus_client>=0.17",
     ],
     extras_require={
-        "test": ["hypothesis>=6.100", "oslo.messaging>=14"],
+        "test": ["hypothesis>=6.100", "oslo.messaging>=14", "cryptography>=42"],
     },
     entry_points={"console_scripts": ["msgmux = msgmux.cli:main"]},
     classifiers=[

@@ -27,6 +27,12 @@ class FakeBroker:
     name = "control"
     protocol = None
     display = ""
+    tls = None
+
+    def __init__(self) -> None:
+        from msgmux.amqp.attempts import ConnectFailures
+
+        self.failures = ConnectFailures("control")
 
 
 class CollectorTests(SynchronousTestCase):
@@ -41,8 +47,11 @@ class CollectorTests(SynchronousTestCase):
         clock.advance(0.02)
         link.calls.answered("t")
         link.calls.begin("u", 10.0, "up")
+        broker = FakeBroker()
+        for _ in range(3):
+            broker.failures.failed("127.0.0.1:5671", "tls-untrusted", "the broker's certificate was not accepted")
         registry = CollectorRegistry()
-        registry.register(MsgmuxCollector([("control", link)], [FakeBroker()]))  # type: ignore[list-item]
+        registry.register(MsgmuxCollector([("control", link)], [broker]))  # type: ignore[list-item]
         text = generate_latest(registry).decode()
         for line in (
             'msgmux_messages_relayed_total{direction="down",half="control",kind="rpc",link="tenant-a"} 3.0',
@@ -53,6 +62,7 @@ class CollectorTests(SynchronousTestCase):
             'msgmux_reply_latency_seconds_bucket{direction="down",half="control",le="0.025",link="tenant-a"} 1.0',
             'msgmux_reply_latency_seconds_bucket{direction="down",half="control",le="0.01",link="tenant-a"} 0.0',
             'msgmux_broker_connected{broker="control"} 0.0',
+            'msgmux_broker_connect_failures_total{broker="control",reason="tls-untrusted"} 3.0',
         ):
             self.assertIn(line, text)
         link.calls.cancel_all()
@@ -66,3 +76,4 @@ class CollectorTests(SynchronousTestCase):
             document = f.read()
         for name, _, _ in COUNTERS.values():
             self.assertIn(name, document)
+        self.assertIn("msgmux_broker_connect_failures_total", document)

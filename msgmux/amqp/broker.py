@@ -11,18 +11,20 @@ and rebuild their topology on every new connection.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from msgmux.amqp.attempts import ConnectFailures, classify
 from msgmux.amqp.protocol import BrokerDelegate, BrokerProtocol
+from msgmux.amqp.tls import TlsClient
 from msgmux.config import BrokerConfig, BrokerHost
 
 #: Seconds from TCP connect to a completed AMQP login.  A host that accepts
@@ -47,15 +49,26 @@ class FailoverEndpoint:
     Connects to one of several brokers: the same host again after a
     connection that worked, the next one after a failed attempt.
 
+    With C{tls}, every connection is TLS (Twisted's TLS over the same TCP
+    endpoint), checked against the host as written in the URL; the TLS
+    handshake is part of the attempt, so its failure moves on like a refused
+    login does.
+
     @ivar current: the host of the latest attempt.
+    @ivar attempt_failed: called with the host and the error when an attempt
+        fails before a connection is made.
     """
 
-    def __init__(self, reactor: Any, hosts: tuple[BrokerHost, ...], timeout: float = 10.0) -> None:
+    def __init__(
+        self, reactor: Any, hosts: tuple[BrokerHost, ...], timeout: float = 10.0, tls: TlsClient | None = None
+    ) -> None:
         self._reactor = reactor
         self._hosts = hosts
         self._index = 0
         self._timeout = timeout
+        self._tls = tls
         self.current = hosts[0]
+        self.attempt_failed: Callable[[BrokerHost, BaseException], None] | None = None
 
     def failed(self) -> None:
         """The attempt on L{current} failed: move on to the next host."""
@@ -63,13 +76,17 @@ class FailoverEndpoint:
 
     def connect(self, factory: Any) -> defer.Deferred[Any]:
         self.current = self._hosts[self._index]
-        endpoint = HostnameEndpoint(self._reactor, self.current.host, self.current.port, timeout=self._timeout)
+        endpoint: Any = HostnameEndpoint(self._reactor, self.current.host, self.current.port, timeout=self._timeout)
+        if self._tls is not None:
+            endpoint = wrapClientTLS(self._tls.creator(self.current.host), endpoint)
         connecting: defer.Deferred[Any] = endpoint.connect(factory)
         connecting.addErrback(self._attempt_failed)
         return connecting
 
     def _attempt_failed(self, failure: Failure) -> Failure:
         self.failed()
+        if self.attempt_failed is not None:
+            self.attempt_failed(self.current, failure.value)
         return failure
 
     def __repr__(self) -> str:
@@ -93,6 +110,7 @@ class _BrokerFactory(Factory):
             username=host.username,
             password=host.password,
             connection_name=self._name,
+            login_method=self._config.login_method,
         )
 
 
@@ -102,6 +120,8 @@ class BrokerService(Service):
 
     @ivar protocol: the current connection, or L{None}.
     @ivar display: C{host:port} of the current broker, for logs and status.
+    @ivar tls: the TLS client when the broker is reached over TLS.
+    @ivar failures: failed connection attempts, by reason.
     """
 
     _log = Logger()
@@ -116,7 +136,10 @@ class BrokerService(Service):
         self.name = name
         self.config = config
         self._clock = reactor
-        self._endpoint = FailoverEndpoint(reactor, config.hosts)
+        self.tls = TlsClient(config.tls, name) if config.tls is not None else None
+        self.failures = ConnectFailures(name)
+        self._endpoint = FailoverEndpoint(reactor, config.hosts, tls=self.tls)
+        self._endpoint.attempt_failed = self._connect_failed
         self._service = ClientService(
             self._endpoint,
             _BrokerFactory(config, self._endpoint, reactor, f"msgmux {name}"),  # type: ignore[arg-type]
@@ -153,6 +176,15 @@ class BrokerService(Service):
         """@return: fires with a logged-in connection (see L{ClientService.whenConnected})."""
         return self._service.whenConnected(failAfterFailures=fail_after)
 
+    def reload_tls(self) -> None:
+        """Re-read the TLS certificate, key and CA files for new connections (SIGHUP)."""
+        if self.tls is not None:
+            self.tls.reload()
+
+    def _connect_failed(self, host: BrokerHost, error: BaseException) -> None:
+        reason, text = classify(error, self.tls, None, LOGIN_TIMEOUT)
+        self.failures.failed(f"{host.host}:{host.port}", reason, text)
+
     def _prepare(self, proxy: Any) -> defer.Deferred[None]:
         login = defer.Deferred.fromCoroutine(self._login(proxy._protocol))
         login.addTimeout(LOGIN_TIMEOUT, self._clock)  # type: ignore[arg-type]
@@ -164,21 +196,13 @@ class BrokerService(Service):
             await protocol.login()
         except Exception as e:
             self._endpoint.failed()
-            self._log.warn(
-                "Broker {name} at {host}:{port}: {error}",
-                name=self.name,
-                host=host.host,
-                port=host.port,
-                error=(
-                    f"no login within {LOGIN_TIMEOUT:.0f}s"
-                    if isinstance(e, defer.CancelledError)
-                    else f"refused the login: {_describe(e)}"
-                ),
-            )
+            reason, text = classify(e, self.tls, protocol.transport, LOGIN_TIMEOUT)
+            self.failures.failed(f"{host.host}:{host.port}", reason, text)
             protocol.transport.abortConnection()
             raise
         self.protocol = protocol
         self.display = f"{host.host}:{host.port}"
+        self.failures.succeeded(self.display)
         self._log.info(
             "Connected to {name} broker at {host}:{port} (RabbitMQ {version})",
             name=self.name,
@@ -199,8 +223,3 @@ class BrokerService(Service):
         for observer in list(self._observers):
             observer.broker_lost(reason)
 
-
-def _describe(error: BaseException) -> str:
-    """A one-line description of a txAMQP failure (its reasons nest)."""
-    text = str(error)
-    return text if len(text) < 300 else text[:300] + "..."
