@@ -16,6 +16,7 @@ rotation), and says why a handshake failed (L{TlsClient.explain}).
 from __future__ import annotations
 
 import re
+import weakref
 from typing import Any
 
 import attrs
@@ -33,6 +34,7 @@ from twisted.internet.ssl import (
 )
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 __all__ = ["TLS_VERSIONS", "Material", "TlsClient", "TlsConfig", "TlsFileError", "load_material"]
 
@@ -189,6 +191,9 @@ class TlsClient:
         self.name = name
         self.material = load_material(config)
         self._creators: dict[str, IOpenSSLClientConnectionCreator] = {}
+        # The OpenSSL connection of each TLS transport, kept so that a
+        # failed handshake can still be examined after Twisted let go of it.
+        self._connections: weakref.WeakKeyDictionary[Any, SSL.Connection] = weakref.WeakKeyDictionary()
 
     def reload(self) -> bool:
         """
@@ -225,7 +230,7 @@ class TlsClient:
         """
         creator = self._creators.get(host)
         if creator is None:
-            creator = self._creators[host] = self._make(host)
+            creator = self._creators[host] = _Remembering(self._make(host), self._connections)
         return creator
 
     def _make(self, host: str) -> IOpenSSLClientConnectionCreator:
@@ -255,7 +260,7 @@ class TlsClient:
             was not a TLS one.
         """
         if type(error).__name__ == "VerificationError" and type(error).__module__.startswith("service_identity"):
-            return "tls-hostname", f"the broker's certificate does not name this host ({_identities(transport)})"
+            return "tls-hostname", f"the broker's certificate does not name this host ({_identities(self._peer_chain(transport))})"
         if not isinstance(error, SSL.Error):
             return None
         text = _openssl_text(error)
@@ -273,7 +278,7 @@ class TlsClient:
         Verify the certificates the broker sent again, against the same CAs,
         to learn what OpenSSL's "certificate verify failed" does not say.
         """
-        chain = _peer_chain(transport)
+        chain = self._peer_chain(transport)
         if not chain:
             return "tls-untrusted", "certificate verify failed"
         store = crypto.X509Store()
@@ -292,14 +297,29 @@ class TlsClient:
         return "tls-untrusted", "certificate verify failed"
 
 
-def _peer_chain(transport: Any) -> list[Any]:
-    handle = getattr(transport, "getHandle", lambda: None)()
-    if not isinstance(handle, SSL.Connection):
-        return []
-    try:
-        return list(handle.get_peer_cert_chain() or [])
-    except SSL.Error:
-        return []
+    def _peer_chain(self, transport: Any) -> list[Any]:
+        """@return: the certificates the broker sent on C{transport}, leaf first."""
+        connection = self._connections.get(transport) if transport is not None else None
+        if connection is None:
+            return []
+        try:
+            return list(connection.get_peer_cert_chain() or [])
+        except SSL.Error:
+            return []
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _Remembering:
+    """A connection creator that remembers which connection it made for which transport."""
+
+    def __init__(self, creator: Any, connections: weakref.WeakKeyDictionary[Any, SSL.Connection]) -> None:
+        self._creator = creator
+        self._connections = connections
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        connection: SSL.Connection = self._creator.clientConnectionForTLS(tlsProtocol)
+        self._connections[tlsProtocol] = connection
+        return connection
 
 
 def _validity(certificate: Any) -> str:
@@ -307,8 +327,7 @@ def _validity(certificate: Any) -> str:
     return f"valid {parsed.not_valid_before_utc:%Y-%m-%d %H:%M} to {parsed.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
 
 
-def _identities(transport: Any) -> str:
-    chain = _peer_chain(transport)
+def _identities(chain: list[Any]) -> str:
     if not chain:
         return "no certificate seen"
     try:
