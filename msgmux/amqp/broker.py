@@ -204,11 +204,12 @@ class BrokerService(Service):
         self.display = f"{host.host}:{host.port}"
         self.failures.succeeded(self.display)
         self._log.info(
-            "Connected to {name} broker at {host}:{port} (RabbitMQ {version})",
+            "Connected to {name} broker at {host}:{port} (RabbitMQ {version}{tls})",
             name=self.name,
             host=host.host,
             port=host.port,
             version=protocol.server_properties.get("version", "?"),
+            tls=_tls_summary(protocol.transport) if self.tls is not None else "",
         )
         protocol.disconnected.wait().addCallback(lambda _: self._lost(protocol))
         for observer in list(self._observers):
@@ -223,3 +224,9 @@ class BrokerService(Service):
         for observer in list(self._observers):
             observer.broker_lost(reason)
 
+
+def _tls_summary(transport: Any) -> str:
+    """@return: C{" over TLS (TLSv1.3)"} for a TLS transport."""
+    handle = getattr(transport, "getHandle", lambda: None)()
+    version = getattr(handle, "get_protocol_version_name", lambda: "?")()
+    return f" over TLS ({version})"
