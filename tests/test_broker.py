@@ -6,6 +6,7 @@ the host of a connection that worked.
 
 from __future__ import annotations
 
+from twisted.application._client_service import _ReconnectingProtocolProxy
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -63,7 +64,8 @@ class LoginTimeoutTests(SynchronousTestCase):
         protocol = BrokerProtocol(BrokerDelegate(), "/", 0, reactor, "u", "p", "test")
         transport = StringTransport()
         protocol.makeConnection(transport)
-        proxy = type("Proxy", (), {"_protocol": protocol})()
+        lost: list[Failure] = []
+        proxy = _ReconnectingProtocolProxy(protocol, lost.append)
         login = service._prepare(proxy)
         reactor.advance(LOGIN_TIMEOUT - 1)
         self.assertNoResult(login)
@@ -72,6 +74,8 @@ class LoginTimeoutTests(SynchronousTestCase):
         self.failureResultOf(login)
         self.assertTrue(transport.disconnecting)
         self.assertEqual(service.protocol, None)
+        proxy.connectionLost(Failure(ConnectionRefusedError()))
+        self.assertEqual(lost, [])  # the failed login was the failed attempt
         service._endpoint.connect(Factory.forProtocol(Protocol))  # the next attempt
         reactor.advance(0)
         self.assertEqual(service._endpoint.current.host, "10.0.0.2")

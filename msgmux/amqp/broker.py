@@ -186,8 +186,17 @@ class BrokerService(Service):
         self.failures.failed(f"{host.host}:{host.port}", reason, text)
 
     def _prepare(self, proxy: Any) -> defer.Deferred[None]:
+        # Twisted's ClientService has no transition for a connection lost
+        # while prepareConnection runs: every failed login or TLS handshake
+        # would log a NoTransition traceback.  The failed login already
+        # counts as the failed attempt, so the proxy tells the service about
+        # a lost connection only once the login succeeded.
+        notify = proxy._lostNotification
+        logged_in: list[bool] = []
+        proxy._lostNotification = lambda reason: notify(reason) if logged_in else None
         login = defer.Deferred.fromCoroutine(self._login(proxy._protocol))
         login.addTimeout(LOGIN_TIMEOUT, self._clock)  # type: ignore[arg-type]
+        login.addCallback(lambda _: logged_in.append(True))
         return login
 
     async def _login(self, protocol: BrokerProtocol) -> None:

@@ -134,14 +134,21 @@ class TlsFailureTests(LabTestCase):
     def broker_keys(self) -> str:
         return f'tls = {{ ca_file = "{self.file("ca.pem")}", cert_file = "{self.file("client.pem")}", key_file = "{self.file("client.key")}" }}'
 
-    async def _broken(self, reason: str, url: str | None = None) -> tuple[HalfProcess, OsloPeer, OsloPeer]:
+    async def _broken(
+        self, reason: str, url: str | None = None, broker_certificate: str | None = None
+    ) -> tuple[HalfProcess, OsloPeer, OsloPeer]:
         """
         Start the link with the control half's broker connection failing
         for C{reason}; agents cast 20 messages up meanwhile.  Checks the one
         log line, the retries and the counter, and that the half lives.
+
+        @param broker_certificate: what the control broker presents to new
+            connections, once the oslo peers are connected.
         """
         control, tenant = await self.peers()
         await control.request("server", name="q-server", topic="q-reports", server="q-server")
+        if broker_certificate is not None:
+            await threads.deferToThread(self.lab.control_node.use_certificate, broker_certificate)  # type: ignore[union-attr]
         control_half, tenant_half = await self.start_link(
             ROUTES, extra=f'metrics = "{self.metrics}"', wait=False, control_broker=self.broker_keys(), control_url=url
         )
@@ -193,16 +200,14 @@ class TlsFailureTests(LabTestCase):
 
     async def test_expired_broker_certificate(self) -> None:
         """The broker's certificate expired: fixed on the broker (a new certificate), msgmux reconnects by itself."""
-        await threads.deferToThread(self.lab.control_node.use_certificate, "server-expired")  # type: ignore[union-attr]
-        control_half, control, _ = await self._broken("tls-expired")
+        control_half, control, _ = await self._broken("tls-expired", broker_certificate="server-expired")
         self.assertIn("has expired", control_half.log())
         await threads.deferToThread(self.lab.control_node.use_certificate, "server")  # type: ignore[union-attr]
         await self._all_arrive(control_half, control, "tls-expired")
 
     async def test_hostname_mismatch(self) -> None:
         """The broker's certificate is for another host: fixed on the broker, msgmux reconnects by itself."""
-        await threads.deferToThread(self.lab.control_node.use_certificate, "server-wrong-name")  # type: ignore[union-attr]
-        control_half, control, _ = await self._broken("tls-hostname")
+        control_half, control, _ = await self._broken("tls-hostname", broker_certificate="server-wrong-name")
         self.assertIn("broker.invalid", control_half.log())
         await threads.deferToThread(self.lab.control_node.use_certificate, "server")  # type: ignore[union-attr]
         await self._all_arrive(control_half, control, "tls-hostname")
