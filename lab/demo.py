@@ -6,10 +6,17 @@ machine's RabbitMQ as the control broker), starts both msgmux halves as
 C{twistd msgmux} processes, starts unmodified oslo.messaging servers and
 clients on each side, shows calls, casts, fanout, notifications and a refused
 method crossing the proxy, and takes everything down again.
+
+C{make demo TLS=1} (C{python -m lab.demo --tls}) does the same with both
+brokers listening for TLS only: a private control broker node instead of
+the machine's RabbitMQ, certificates made for the run, oslo services and
+both halves on TLS, the tenant side logging in with its client certificate
+(EXTERNAL).
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from typing import Any
@@ -43,12 +50,20 @@ async def wait_received(peer: OsloPeer, name: str, reactor: Any, predicate: Any,
         await pause(reactor, 0.2)
 
 
-async def demo(reactor: Any) -> None:
-    lab = Lab("demo", reactor)
+async def demo(reactor: Any, tls: bool = False) -> None:
+    if tls:
+        lab = Lab("demo-tls", reactor, tls=("control", "tenant"), external=("tenant",))
+    else:
+        lab = Lab("demo", reactor)
     say("== Setting up the lab")
     say(f"   tenant network: namespace {lab.namespace.name} with its own RabbitMQ node")
     seconds = await threads.deferToThread(lab.up)
-    say(f"   tenant RabbitMQ is up ({seconds:.1f}s); the control broker is the machine's RabbitMQ at 127.0.0.1:5672")
+    if tls:
+        assert lab.pki is not None
+        say(f"   both RabbitMQ nodes are up ({seconds:.1f}s), listening for TLS only; certificates in {lab.pki.directory}")
+        say(f"   control broker {lab.url('control', '')}, tenant broker {lab.url('tenant', '')} (inside the namespace)")
+    else:
+        say(f"   tenant RabbitMQ is up ({seconds:.1f}s); the control broker is the machine's RabbitMQ at 127.0.0.1:5672")
     control_vhost, tenant_vhost = await threads.deferToThread(lab.vhosts, "run")
     try:
         await run(lab, reactor, control_vhost, tenant_vhost)
@@ -66,8 +81,9 @@ async def run(lab: Lab, reactor: Any, control_vhost: str, tenant_vhost: str) -> 
         "control.toml",
         f"""
 [control]
-transport_url = "{lab.control_node.url(control_vhost)}"
+transport_url = "{lab.url("control", control_vhost)}"
 exchange = "openstack"
+{lab.broker_options("control")}
 
 [[control.links]]
 name = "tenant-a"
@@ -79,8 +95,9 @@ socket = "{socket}"
         "tenant.toml",
         f"""
 [tenant]
-transport_url = "{lab.tenant_node.url(tenant_vhost)}"
+transport_url = "{lab.url("tenant", tenant_vhost)}"
 exchange = "openstack"
+{lab.broker_options("tenant")}
 socket = "{socket}"
 link = "tenant-a"
 """,
@@ -158,7 +175,10 @@ link = "tenant-a"
 
 
 def main() -> None:
-    task.react(lambda reactor: defer.Deferred.fromCoroutine(demo(reactor)))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tls", action="store_true", help="both brokers TLS only")
+    arguments = parser.parse_args()
+    task.react(lambda reactor: defer.Deferred.fromCoroutine(demo(reactor, arguments.tls)))
 
 
 if __name__ == "__main__":

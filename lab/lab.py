@@ -115,6 +115,8 @@ class Lab:
         self.name = name
         self.root = f"/tmp/msgmux-lab/{name}"
         self.namespace = Namespace(f"msgmux-{name}")
+        #: The sides whose halves and oslo peers use TLS (a bench may switch
+        #: between plain and TLS when the nodes keep both listeners).
         self.tls = tls
         self.external = external
         self.pki = Pki(f"{self.root}/pki") if tls else None
@@ -189,6 +191,13 @@ class Lab:
         """@return: the broker of C{side} (C{"control"} or C{"tenant"})."""
         return self.control_node if side == "control" else self.tenant_node
 
+    def url(self, side: str, vhost: str, query: bool = True) -> str:
+        """
+        @return: the transport URL of a vhost on that side's broker, TLS
+            (C{?ssl=1} unless not C{query}) if the side is in L{tls}.
+        """
+        return self.node(side).url(vhost, tls=side in self.tls, query=query)
+
     def broker_options(self, side: str) -> str:
         """
         @return: TOML keys for a C{[control]} or C{[tenant]} section that
@@ -262,12 +271,11 @@ class Lab:
 
     def spawn_peer(self, side: str, vhost: str, exchange: str = "openstack", **rabbit: Any) -> OsloPeer:
         """An oslo peer on the control broker (C{side="control"}) or the tenant one."""
-        node = self.control_node if side == "control" else self.tenant_node
         label = f"oslo-{side}-{len(self.processes)}"
         rabbit = {**self.oslo_options(side), **rabbit}
         peer = spawn_peer(
             self.reactor,
-            node.url(vhost, query=False),
+            self.url(side, vhost, query=False),
             self.path("logs", f"{label}.log"),
             label,
             namespace=self.namespace.name if side == "tenant" else None,
@@ -304,12 +312,12 @@ class Lab:
         socket = self.path("sockets", f"{name}.sock")
         control_config = self.write(
             f"{name}-control.toml",
-            f'[control]\ntransport_url = "{self.control_node.url(control_vhost)}"\n{self.broker_options("control")}\n'
+            f'[control]\ntransport_url = "{self.url("control", control_vhost)}"\n{self.broker_options("control")}\n'
             f'{control_extra}\n\n[[control.links]]\nname = "{name}"\nsocket = "{socket}"\n{routes}\n',
         )
         tenant_config = self.write(
             f"{name}-tenant.toml",
-            f'[tenant]\ntransport_url = "{self.tenant_node.url(tenant_vhost)}"\nsocket = "{socket}"\n'
+            f'[tenant]\ntransport_url = "{self.url("tenant", tenant_vhost)}"\nsocket = "{socket}"\n'
             f'{self.broker_options("tenant")}\n',
         )
         control = self.spawn_half(control_config, f"{name}-control", in_tenant_network=False)

@@ -147,7 +147,7 @@ def control_config(
         f"{link}-control.toml",
         f"""
 [control]
-transport_url = "{url or lab.control_node.url(vhost)}"
+transport_url = "{url or lab.url("control", vhost)}"
 exchange = "openstack"
 link_heartbeat = {link_heartbeat}
 {lab.broker_options("control") if broker is None else broker}
@@ -173,7 +173,7 @@ def tenant_config(lab: Lab, vhost: str, socket: str, link: str, queues: str = ""
         f"{link}-tenant.toml",
         f"""
 [tenant]
-transport_url = "{lab.tenant_node.url(vhost)}"
+transport_url = "{lab.url("tenant", vhost)}"
 exchange = "openstack"
 socket = "{socket}"
 link = "{link}"
