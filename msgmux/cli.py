@@ -25,13 +25,27 @@ from msgmux.config import Config, ConfigError, load
 __all__ = ["main"]
 
 
+def _tls(broker: Any) -> str:
+    """How a half reaches its broker, for the summary."""
+    if broker.tls is None:
+        text = ", plain AMQP"
+    else:
+        tls = broker.tls
+        text = f", TLS (CA {tls.ca_file or 'system'}, {'verified' if tls.verify else 'NOT verified'}"
+        text += f", client certificate {tls.cert_file})" if tls.cert_file else ")"
+    return text + f", login {broker.login_method}"
+
+
 def describe(config: Config) -> str:
     """A short human summary of a valid configuration."""
     lines = []
     if config.control is not None:
         control = config.control
         hosts = ", ".join(f"{h.host}:{h.port}" for h in control.broker.hosts)
-        lines.append(f"control half: broker {hosts} vhost {control.broker.virtual_host!r}, exchange {control.broker.exchange!r}")
+        lines.append(
+            f"control half: broker {hosts} vhost {control.broker.virtual_host!r}, exchange {control.broker.exchange!r}"
+            + _tls(control.broker)
+        )
         for link in control.links:
             lines.append(f"  link {link.name}: socket {link.socket} (mode {link.socket_mode:o})")
             for rule in link.down:
@@ -49,7 +63,7 @@ def describe(config: Config) -> str:
     if config.tenant is not None:
         tenant = config.tenant
         hosts = ", ".join(f"{h.host}:{h.port}" for h in tenant.broker.hosts)
-        lines.append(f"tenant half: broker {hosts} vhost {tenant.broker.virtual_host!r}, socket {tenant.socket}")
+        lines.append(f"tenant half: broker {hosts} vhost {tenant.broker.virtual_host!r}, socket {tenant.socket}" + _tls(tenant.broker))
     return "\n".join(lines)
 
 
