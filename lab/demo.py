@@ -111,6 +111,10 @@ link = "tenant-a"
     await lab.wait_for_log(control_half, "control broker channel ready")
     await lab.wait_for_log(tenant_half, "tenant broker channel ready")
     say(f"   link up over {socket}")
+    for half in (control_half, tenant_half):
+        for line in half.log().splitlines():
+            if "Connected to" in line:
+                say("   " + line.split("] ", 1)[-1])
 
     say("\n== Starting unmodified oslo.messaging services")
     control = lab.spawn_peer("control", control_vhost)
