@@ -156,8 +156,12 @@ def render_status(first: dict[str, Any], second: dict[str, Any], interval: float
         )
     for broker in second["brokers"]:
         state = "connected to " + broker["address"] if broker["connected"] else "DISCONNECTED"
+        if broker["connected"] and broker.get("tls"):
+            state += " over TLS"
         if broker.get("blocked"):
             state += f" (blocked: {broker['blocked']})"
+        for address, reason in sorted((broker.get("failing") or {}).items()):
+            state += f"; {address} failing ({reason})"
         lines.append(f"broker {broker['name']}: {state}")
     return "\n".join(lines)
 
