@@ -233,6 +233,25 @@ class TlsFailureTests(LabTestCase):
         again = self.lab.spawn_half(fixed, f"tenant-a-{self.tag}-control-2", in_tenant_network=False)
         await self._all_arrive_fresh(again, control)
 
+    async def test_failover_past_a_host_without_tls(self) -> None:
+        """
+        A failed handshake is a failed attempt like any other: with a plain
+        port listed first, the half logs it once and fails over to the next
+        host, which works.
+        """
+        node = self.lab.control_node
+        good = node.url(self.control_vhost)
+        both = good.replace("@127.0.0.1:", "@127.0.0.1:5672,127.0.0.1:", 1)
+        control, tenant = await self.peers()
+        await control.request("server", name="q-server", topic="q-reports", server="q-server")
+        control_half, _ = await self.start_link(ROUTES, extra=f'metrics = "{self.metrics}"', control_broker=self.broker_keys(), control_url=both)
+        reply = await tenant.request("call", topic="q-reports", method="report_state", kwargs={"agent": "a1"})
+        self.assertEqual(reply, {"server": "q-server", "state": "ok"})
+        log = control_half.log()
+        self.assertEqual(log.count("[tls-not-tls]; retrying with backoff"), 1, log[-3000:])
+        self.assertIn("Broker control at 127.0.0.1:5672: no TLS on this port", log)
+        self.assertIn(f"Connected to control broker at 127.0.0.1:{node.tls_port}", log)
+
     async def _all_arrive_fresh(self, control_half: HalfProcess, control: OsloPeer) -> None:
         await self.lab.wait_for_log(control_half, "control broker channel ready", timeout=60)
         got = await received(control, "q-server", 20, self.lab.reactor)
