@@ -32,11 +32,13 @@ test: $(STAMP)
 unit: $(STAMP)
 	$(PY) -m twisted.trial tests
 
+# `make demo TLS=1`: the same with both brokers listening for TLS only.
 demo: $(STAMP)
-	$(PY) -m lab.demo
+	$(PY) -m lab.demo $(if $(TLS),--tls)
 
 # Fault injection under load (kill -9 each half, restart each broker, cut the socket, drop connections);
-# prints the sent/delivered/lost/duplicated/outage table.  About two minutes.
+# prints the sent/delivered/lost/duplicated/outage table; then the halves' and brokers' faults
+# again with both brokers TLS only.  About four minutes.
 faults: $(STAMP)
 	$(PY) -m lab.faults
 

@@ -1,5 +1,6 @@
 """msgmux packaging.  Runtime dependencies are the design's (Twisted, txAMQP,
-attrs, cbor2) plus prometheus_client for the metrics endpoint."""
+attrs, cbor2) plus prometheus_client for the metrics endpoint, and Twisted's
+TLS extra (pyOpenSSL, service_identity, idna) for TLS to the brokers."""
 
 from setuptools import find_packages, setup
 
@@ -17,7 +18,9 @@ setup(
         # msgmux relies on a few private details of Twisted and txAMQP
         # (msgmux/_private_apis.py, checked by tests/test_private_apis.py):
         # the upper bounds are the newest versions that test passed with.
-        "Twisted>=24.7,<27",
+        # TLS to the brokers: Twisted's TLS transport and endpoints need
+        # pyOpenSSL, and its hostname/IP checks need service_identity and idna.
+        "Twisted[tls]>=24.7,<27",
         "txAMQP>=0.8.2,<0.9",
         "attrs>=23.1",
         "cbor2>=5.6",
@@ -27,8 +30,9 @@ setup(
     ],
     extras_require={
         # PyYAML reads the Prometheus rules and their tests in monitoring/
-        # (oslo.config needs it too, so this adds nothing to the install).
-        "test": ["hypothesis>=6.100", "oslo.messaging>=14", "PyYAML>=6"],
+        # (oslo.config needs it too, so this adds nothing to the install);
+        # cryptography makes the lab's certificates at test time.
+        "test": ["hypothesis>=6.100", "oslo.messaging>=14", "PyYAML>=6", "cryptography>=42"],
     },
     entry_points={"console_scripts": ["msgmux = msgmux.cli:main"]},
     classifiers=[

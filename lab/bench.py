@@ -12,6 +12,9 @@ C{make bench}: msgmux against the alternatives, on this machine, in one run.
  4. availability: a good link's call latency while a hostile tenant half
     attacks another link of the same control half, and what the codec
     costs over the worst frames a peer can send (L{lab.bench_availability}).
+ 5. TLS: the raw relay and oslo calls again with msgmux and oslo on TLS to
+    both brokers (same nodes, their TLS listeners; certificates made for the
+    run), next to the plain AMQP figures of the same run.
 
 Ratios are within this run, so they hold on whatever machine runs it.
 Results are discussed in C{docs/performance.md}.
@@ -112,11 +115,15 @@ async def wait_moved(reactor: Any, destination: Broker, queue: str, count: int, 
         await task.deferLater(reactor, 0.05, lambda: None)
 
 
-async def raw_relay_msgmux(lab: Lab, reactor: Any, count: int) -> dict[str, float]:
-    source_vhost, destination_vhost = "bench-msgmux-a", "bench-msgmux-b"
+async def raw_relay_msgmux(lab: Lab, reactor: Any, count: int, tls: bool = False) -> dict[str, float]:
+    """@param tls: both halves reach the broker over TLS (its TLS listener)."""
+    tag = "-tls" if tls else ""
+    source_vhost, destination_vhost = f"bench-msgmux{tag}-a", f"bench-msgmux{tag}-b"
     for vhost in (source_vhost, destination_vhost):
         await threads.deferToThread(lab.control_node.add_vhost, vhost)
-    source, destination = Broker(reactor, lab.control_node.url(source_vhost)), Broker(reactor, lab.control_node.url(destination_vhost))
+    source = Broker(reactor, lab.control_node.url(source_vhost, tls=False))
+    destination = Broker(reactor, lab.control_node.url(destination_vhost, tls=False))
+    broker_options = lab.broker_options("control") if tls else ""
     await source.start()
     await destination.start()
     await source.queue("bench", "openstack")
@@ -125,12 +132,13 @@ async def raw_relay_msgmux(lab: Lab, reactor: Any, count: int) -> dict[str, floa
     socket = lab.path("sockets", "bench.sock")
     control_config = lab.write(
         "bench-control.toml",
-        f'[control]\ntransport_url = "{lab.control_node.url(source_vhost)}"\nprefetch = 1000\nlink_window = 1000\n\n'
-        f'[[control.links]]\nname = "bench"\nsocket = "{socket}"\ndown = [ {{ topic = "bench" }} ]\n',
+        f'[control]\ntransport_url = "{lab.control_node.url(source_vhost, tls=tls)}"\nprefetch = 1000\nlink_window = 1000\n'
+        f'{broker_options}\n\n[[control.links]]\nname = "bench"\nsocket = "{socket}"\ndown = [ {{ topic = "bench" }} ]\n',
     )
     tenant_config = lab.write(
         "bench-tenant.toml",
-        f'[tenant]\ntransport_url = "{lab.control_node.url(destination_vhost)}"\nsocket = "{socket}"\nprefetch = 1000\nlink_window = 1000\n',
+        f'[tenant]\ntransport_url = "{lab.control_node.url(destination_vhost, tls=tls)}"\nsocket = "{socket}"\nprefetch = 1000\n'
+        f"link_window = 1000\n{broker_options}\n",
     )
     control = lab.spawn_half(control_config, "bench-control", in_tenant_network=False)
     await lab.wait_for_log(control, "listening on")
@@ -158,7 +166,8 @@ async def raw_relay_shovel(lab: Lab, reactor: Any, count: int, network: bool) ->
     source_vhost, destination_vhost = f"bench-shovel-{tag}-a", f"bench-shovel-{tag}-b"
     for vhost in (source_vhost, destination_vhost):
         await threads.deferToThread(lab.control_node.add_vhost, vhost)
-    source, destination = Broker(reactor, lab.control_node.url(source_vhost)), Broker(reactor, lab.control_node.url(destination_vhost))
+    source = Broker(reactor, lab.control_node.url(source_vhost, tls=False))
+    destination = Broker(reactor, lab.control_node.url(destination_vhost, tls=False))
     await source.start()
     await destination.start()
     await source.queue("bench")
@@ -190,7 +199,8 @@ async def raw_relay_shovel(lab: Lab, reactor: Any, count: int, network: bool) ->
 
 
 async def oslo_calls(lab: Lab, through_msgmux: bool, calls: int) -> dict[str, float]:
-    tag = "via" if through_msgmux else "direct"
+    """oslo calls (and msgmux, if C{through_msgmux}) on TLS to the sides in C{lab.tls}."""
+    tag = ("via" if through_msgmux else "direct") + ("-tls" if lab.tls else "")
     control_vhost, tenant_vhost = await threads.deferToThread(lab.vhosts, f"bench-{tag}")
     halves: list[HalfProcess] = []
     if through_msgmux:
@@ -234,12 +244,12 @@ async def memory_per_link(lab: Lab, links: int) -> dict[str, float]:
         tenant_configs.append(
             lab.write(
                 f"links/{name}.toml",
-                f'[tenant]\ntransport_url = "{lab.tenant_node.url(tenant_vhost)}"\nsocket = "{socket}"\nlink = "{name}"\n',
+                f'[tenant]\ntransport_url = "{lab.url("tenant", tenant_vhost)}"\nsocket = "{socket}"\nlink = "{name}"\n',
             )
         )
     control_config = lab.write(
         "bench-links.toml",
-        f'[control]\ntransport_url = "{lab.control_node.url(control_vhost)}"\ncanary_interval = 1.0\n\n' + "\n".join(blocks),
+        f'[control]\ntransport_url = "{lab.url("control", control_vhost)}"\ncanary_interval = 1.0\n\n' + "\n".join(blocks),
     )
     control = lab.spawn_half(control_config, "bench-links-control", in_tenant_network=False)
     await lab.wait_for_log(control, "listening on", count=links)
@@ -255,7 +265,9 @@ async def memory_per_link(lab: Lab, links: int) -> dict[str, float]:
 
 
 async def main(reactor: Any, arguments: argparse.Namespace) -> None:
-    lab = Lab("bench", reactor, private_control=True, control_plugins=("rabbitmq_shovel",))
+    both = ("control", "tenant")
+    lab = Lab("bench", reactor, private_control=True, control_plugins=("rabbitmq_shovel",), tls=both, keep_plain=True)
+    lab.tls = ()  # plain AMQP until the TLS measurements
     print("Starting the lab (private control broker with the Shovel plugin, tenant broker in a namespace)...", flush=True)
     await threads.deferToThread(lab.up)
     try:
@@ -270,6 +282,11 @@ async def main(reactor: Any, arguments: argparse.Namespace) -> None:
         memory = await memory_per_link(lab, arguments.links)
         print(f"Availability: {arguments.calls} calls on a good link, unloaded and under each attack on another...", flush=True)
         hostile = await availability(lab, arguments.calls)
+        print("The raw relay and oslo calls again, on TLS to both brokers...", flush=True)
+        lab.tls = both
+        relay_tls = await raw_relay_msgmux(lab, reactor, arguments.messages, tls=True)
+        direct_tls = await oslo_calls(lab, False, arguments.calls)
+        via_tls = await oslo_calls(lab, True, arguments.calls)
     finally:
         await lab.stop_processes()
         await threads.deferToThread(lab.down)
@@ -297,6 +314,17 @@ async def main(reactor: Any, arguments: argparse.Namespace) -> None:
         ("control half RSS per link, KiB", "-", f"{memory['kib_per_link']:.0f}", None, ""),
         *availability_rows(hostile),
         *[(name + ", ms", "-", f"{ms:.3f}", None, "<= 10") for name, ms in decode_costs()],
+        ("TLS: raw relay msg/s vs plain", f"{relay['rate']:.0f}", f"{relay_tls['rate']:.0f}", relay_tls["rate"] / relay["rate"], ">= 0.7"),
+        (
+            "TLS: CPU us/msg per half vs plain",
+            f"{relay['cpu_us_per_msg_per_half']:.1f}",
+            f"{relay_tls['cpu_us_per_msg_per_half']:.1f}",
+            relay_tls["cpu_us_per_msg_per_half"] / relay["cpu_us_per_msg_per_half"],
+            "",
+        ),
+        ("TLS: oslo call p50 ms vs plain", f"{via['p50_ms']:.2f}", f"{via_tls['p50_ms']:.2f}", via_tls["p50_ms"] - via["p50_ms"], ""),
+        ("TLS: oslo call p50 ms, oslo on TLS", f"{direct_tls['p50_ms']:.2f}", f"{via_tls['p50_ms']:.2f}", via_tls["p50_ms"] - direct_tls["p50_ms"], "<= +0.5 ms"),
+        ("TLS: oslo calls/s, 8 threads", f"{direct_tls['calls_per_s']:.0f}", f"{via_tls['calls_per_s']:.0f}", via_tls["calls_per_s"] / direct_tls["calls_per_s"], ""),
     ]
     print()
     width = max(len(row[0]) for row in rows)
@@ -308,6 +336,10 @@ async def main(reactor: Any, arguments: argparse.Namespace) -> None:
     print()
     print(f"baseline: the Shovel for raw relay, oslo on one broker for calls; errors: direct {direct['errors']}, via msgmux {via['errors']}")
     print("relay CPU: the Shovel runs inside the broker node; msgmux's is the node's plus both halves' (all on this machine's cores)")
+    print(
+        "TLS rows: baseline is the same measure on plain AMQP in this run (oslo on TLS: oslo direct on one TLS broker); "
+        f"errors: direct {direct_tls['errors']}, via msgmux {via_tls['errors']}"
+    )
     print(f"memory: control half RSS {memory['rss_before_mib']:.1f} MiB with no link up, {memory['rss_after_mib']:.1f} MiB with {arguments.links}")
 
 

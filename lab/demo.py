@@ -8,10 +8,17 @@ clients on each side, shows calls, casts, fanout, notifications and a refused
 method crossing the proxy; then adds a link at run time, whose tenant half
 msgmux starts in a router's namespace, and removes it; and takes everything
 down again.
+
+C{make demo TLS=1} (C{python -m lab.demo --tls}) does the same with both
+brokers listening for TLS only: a private control broker node instead of
+the machine's RabbitMQ, certificates made for the run, oslo services and
+both halves on TLS, the tenant side logging in with its client certificate
+(EXTERNAL).
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from typing import Any
@@ -46,17 +53,26 @@ async def wait_received(peer: OsloPeer, name: str, reactor: Any, predicate: Any,
         await pause(reactor, 0.2)
 
 
-async def demo(reactor: Any) -> None:
-    lab = Lab("demo", reactor)
+async def demo(reactor: Any, tls: bool = False) -> None:
+    if tls:
+        lab = Lab("demo-tls", reactor, tls=("control", "tenant"), external=("tenant",))
+    else:
+        lab = Lab("demo", reactor)
     say("== Setting up the lab")
     say(f"   tenant network: namespace {lab.namespace.name} with its own RabbitMQ node")
     seconds = await threads.deferToThread(lab.up)
-    say(f"   tenant RabbitMQ is up ({seconds:.1f}s); the control broker is the machine's RabbitMQ at 127.0.0.1:5672")
+    if tls:
+        assert lab.pki is not None
+        say(f"   both RabbitMQ nodes are up ({seconds:.1f}s), listening for TLS only; certificates in {lab.pki.directory}")
+        say(f"   control broker {lab.url('control', '')}, tenant broker {lab.url('tenant', '')} (inside the namespace)")
+    else:
+        say(f"   tenant RabbitMQ is up ({seconds:.1f}s); the control broker is the machine's RabbitMQ at 127.0.0.1:5672")
     control_vhost, tenant_vhost = await threads.deferToThread(lab.vhosts, "run")
     try:
         await run(lab, reactor, control_vhost, tenant_vhost)
         await lab.stop_processes()
-        await lifecycle_demo(lab, reactor, control_vhost)
+        if not tls:  # the run-time link part uses the plain lab
+            await lifecycle_demo(lab, reactor, control_vhost)
     finally:
         say("\n== Tearing down")
         await lab.stop_processes()
@@ -71,8 +87,9 @@ async def run(lab: Lab, reactor: Any, control_vhost: str, tenant_vhost: str) -> 
         "control.toml",
         f"""
 [control]
-transport_url = "{lab.control_node.url(control_vhost)}"
+transport_url = "{lab.url("control", control_vhost)}"
 exchange = "openstack"
+{lab.broker_options("control")}
 
 [[control.links]]
 name = "tenant-a"
@@ -84,8 +101,9 @@ socket = "{socket}"
         "tenant.toml",
         f"""
 [tenant]
-transport_url = "{lab.tenant_node.url(tenant_vhost)}"
+transport_url = "{lab.url("tenant", tenant_vhost)}"
 exchange = "openstack"
+{lab.broker_options("tenant")}
 socket = "{socket}"
 link = "tenant-a"
 """,
@@ -99,6 +117,10 @@ link = "tenant-a"
     await lab.wait_for_log(control_half, "control broker channel ready")
     await lab.wait_for_log(tenant_half, "tenant broker channel ready")
     say(f"   link up over {socket}")
+    for half in (control_half, tenant_half):
+        for line in half.log().splitlines():
+            if "Connected to" in line:
+                say("   " + line.split("] ", 1)[-1])
 
     say("\n== Starting unmodified oslo.messaging services")
     control = lab.spawn_peer("control", control_vhost)
@@ -163,7 +185,10 @@ link = "tenant-a"
 
 
 def main() -> None:
-    task.react(lambda reactor: defer.Deferred.fromCoroutine(demo(reactor)))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tls", action="store_true", help="both brokers TLS only")
+    arguments = parser.parse_args()
+    task.react(lambda reactor: defer.Deferred.fromCoroutine(demo(reactor, arguments.tls)))
 
 
 if __name__ == "__main__":

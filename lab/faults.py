@@ -15,6 +15,10 @@ deliveries after the fault).
 Both brokers are private nodes here (the control one on port 5673), because
 restarting them is one of the faults; queues are durable (as a deployment
 that wants messages to survive a broker restart configures oslo).
+
+A second run repeats the halves' and brokers' faults with both brokers
+listening for TLS only (certificates made for the run; oslo services and
+both halves on TLS, the tenant side logging in with its certificate).
 """
 
 from __future__ import annotations
@@ -112,7 +116,8 @@ class Scenario:
             f"{self.tag}-control.toml",
             f"""
 [control]
-transport_url = "{lab.control_node.url(self.control_vhost)}"
+transport_url = "{lab.url("control", self.control_vhost)}"
+{lab.broker_options("control")}
 reply_key_file = "{key}"
 link_heartbeat = 1.0
 
@@ -129,7 +134,8 @@ socket = "{self.socket}"
             f"{self.tag}-tenant.toml",
             f"""
 [tenant]
-transport_url = "{lab.tenant_node.url(self.tenant_vhost)}"
+transport_url = "{lab.url("tenant", self.tenant_vhost)}"
+{lab.broker_options("tenant")}
 socket = "{self.cut_socket}"
 link = "faults"
 
@@ -280,6 +286,10 @@ FAULTS: dict[str, Callable[[Scenario], Awaitable[None]]] = {
 }
 
 
+#: The faults repeated with TLS brokers.
+TLS_FAULTS = ["kill -9 control half", "kill -9 tenant half", "restart control broker", "restart tenant broker"]
+
+
 async def run_faults(lab: Lab, names: list[str], scale: float) -> list[tuple[Row, int]]:
     """Run the named faults in order; @return: rows with oslo's dropped-duplicate count."""
     results = []
@@ -287,6 +297,8 @@ async def run_faults(lab: Lab, names: list[str], scale: float) -> list[tuple[Row
         scenario = Scenario(lab, name, scale)
         try:
             rows = await scenario.run(lambda: FAULTS[name](scenario))
+            if lab.tls:
+                rows = [attrs.evolve(row, fault=f"{row.fault} [TLS]") for row in rows]
             results += [(row, scenario.oslo_dropped) for row in rows]
         finally:
             await scenario.stop()
@@ -294,25 +306,37 @@ async def run_faults(lab: Lab, names: list[str], scale: float) -> list[tuple[Row
 
 
 def table(results: list[tuple[Row, int]]) -> str:
-    header = f"{'fault':24} {'stream':18} {'sent':>6} {'delivered':>9} {'lost':>5} {'dup':>5} {'oslo-dropped':>12} {'failed-sends':>12} {'outage s':>8}"
+    header = f"{'fault':30} {'stream':18} {'sent':>6} {'delivered':>9} {'lost':>5} {'dup':>5} {'oslo-dropped':>12} {'failed-sends':>12} {'outage s':>8}"
     lines = [header, "-" * len(header)]
     for row, dropped in results:
         lines.append(
-            f"{row.fault:24} {row.stream:18} {row.sent:>6} {row.delivered:>9} {row.lost:>5} {row.duplicated:>5}"
+            f"{row.fault:30} {row.stream:18} {row.sent:>6} {row.delivered:>9} {row.lost:>5} {row.duplicated:>5}"
             f" {dropped:>12} {row.failed_sends:>12} {row.outage:>8.1f}"
         )
     return "\n".join(lines)
 
 
 async def main(reactor: Any, arguments: argparse.Namespace) -> None:
-    lab = Lab("faults", reactor, private_control=True)
-    print("Starting the lab (tenant broker in a namespace, private control broker)...", flush=True)
-    await threads.deferToThread(lab.up)
-    try:
-        results = await run_faults(lab, arguments.fault or list(FAULTS), arguments.scale)
-    finally:
-        await lab.stop_processes()
-        await threads.deferToThread(lab.down)
+    results: list[tuple[Row, int]] = []
+    if not arguments.tls_only:
+        lab = Lab("faults", reactor, private_control=True)
+        print("Starting the lab (tenant broker in a namespace, private control broker)...", flush=True)
+        await threads.deferToThread(lab.up)
+        try:
+            results += await run_faults(lab, arguments.fault or list(FAULTS), arguments.scale)
+        finally:
+            await lab.stop_processes()
+            await threads.deferToThread(lab.down)
+    tls_faults = [name for name in (arguments.fault or list(FAULTS)) if name in TLS_FAULTS]
+    if not arguments.no_tls and tls_faults:
+        lab = Lab("faults-tls", reactor, tls=("control", "tenant"), external=("tenant",))
+        print("Starting the TLS lab (both brokers TLS only, the tenant side logging in by certificate)...", flush=True)
+        await threads.deferToThread(lab.up)
+        try:
+            results += await run_faults(lab, tls_faults, arguments.scale)
+        finally:
+            await lab.stop_processes()
+            await threads.deferToThread(lab.down)
     print()
     print(table(results))
     print()
@@ -331,6 +355,8 @@ def cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fault", action="append", choices=list(FAULTS), help="run only this fault (repeatable)")
     parser.add_argument("--scale", type=float, default=1.0, help="load multiplier (1.0: 1500 casts per direction)")
+    parser.add_argument("--no-tls", action="store_true", help="skip the run with TLS brokers")
+    parser.add_argument("--tls-only", action="store_true", help="only the run with TLS brokers")
     arguments = parser.parse_args()
     task.react(lambda reactor: defer.Deferred.fromCoroutine(main(reactor, arguments)))
 

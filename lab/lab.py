@@ -22,7 +22,8 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
 from lab.peer import REPO, OsloPeer, spawn_peer
-from lab.rabbit import Namespace, RabbitNode, SystemBroker
+from lab.pki import Pki, make_pki
+from lab.rabbit import RABBITMQ_USER, Namespace, RabbitNode, SystemBroker
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 
@@ -82,12 +83,29 @@ class Lab:
     """
 
     def __init__(
-        self, name: str, reactor: Any = None, private_control: bool = False, control_plugins: tuple[str, ...] = ()
+        self,
+        name: str,
+        reactor: Any = None,
+        private_control: bool = False,
+        control_plugins: tuple[str, ...] = (),
+        tls: tuple[str, ...] = (),
+        external: tuple[str, ...] = (),
+        control_port: int = 5673,
+        keep_plain: bool = False,
     ) -> None:
         """
         @param private_control: run a private control broker node on the
-            host (port 5673) instead of using the machine's RabbitMQ, so that
-            it can be killed and restarted (C{make faults}).
+            host (port C{control_port}) instead of using the machine's
+            RabbitMQ, so that it can be killed and restarted (C{make faults}).
+        @param tls: the brokers (C{"control"}, C{"tenant"}) that listen only
+            for TLS, with certificates made at start (L{lab.pki}); a TLS
+            control broker is a private node (the machine's RabbitMQ has no
+            TLS listener).  msgmux halves and oslo peers on that side are
+            configured for TLS.
+        @param external: the sides whose msgmux half and oslo peers log in
+            with EXTERNAL (their client certificate) instead of PLAIN.
+        @param keep_plain: TLS brokers keep a plain listener too (on the
+            port after the TLS one), for benchmarks comparing both.
         """
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -97,10 +115,33 @@ class Lab:
         self.name = name
         self.root = f"/tmp/msgmux-lab/{name}"
         self.namespace = Namespace(f"msgmux-{name}")
-        self.tenant_node = RabbitNode("tenant@localhost", f"{self.root}/tenant-rabbit", self.namespace)
+        #: The sides whose halves and oslo peers use TLS (a bench may switch
+        #: between plain and TLS when the nodes keep both listeners).
+        self.tls = tls
+        self.external = external
+        self.pki = Pki(f"{self.root}/pki") if tls else None
+        tenant_pki = self.pki if "tenant" in tls else None
+        self.tenant_node = RabbitNode(
+            "tenant@localhost",
+            f"{self.root}/tenant-rabbit",
+            self.namespace,
+            port=5672,
+            pki=tenant_pki,
+            tls_port=5671,
+            plain=keep_plain,
+        )
         self.control_node: RabbitNode | SystemBroker
-        if private_control:
-            self.control_node = RabbitNode(f"msgmux-{name}-control@localhost", f"{self.root}/control-rabbit", None, 5673)
+        if private_control or "control" in tls:
+            control_pki = self.pki if "control" in tls else None
+            self.control_node = RabbitNode(
+                f"msgmux-{name}-control@localhost",
+                f"{self.root}/control-rabbit",
+                None,
+                port=control_port + 1 if control_pki and keep_plain else control_port,
+                pki=control_pki,
+                tls_port=control_port,
+                plain=keep_plain,
+            )
         else:
             self.control_node = SystemBroker()
         self.control_plugins = control_plugins
@@ -112,6 +153,8 @@ class Lab:
         """Create the namespace and start the tenant broker; @return: seconds."""
         os.makedirs(self.root, exist_ok=True)
         os.chmod(self.root, 0o755)
+        if self.pki is not None:
+            make_pki(self.pki.directory, owner=RABBITMQ_USER)
         self.namespace.create()
         self.tenant_node.prepare()
         started = self.tenant_node.start()
@@ -143,6 +186,48 @@ class Lab:
     def drop_vhosts(self, control: str, tenant: str) -> None:
         self.control_node.delete_vhost(control)
         self.tenant_node.delete_vhost(tenant)
+
+    def node(self, side: str) -> RabbitNode | SystemBroker:
+        """@return: the broker of C{side} (C{"control"} or C{"tenant"})."""
+        return self.control_node if side == "control" else self.tenant_node
+
+    def url(self, side: str, vhost: str, query: bool = True) -> str:
+        """
+        @return: the transport URL of a vhost on that side's broker, TLS
+            (C{?ssl=1} unless not C{query}) if the side is in L{tls}.
+        """
+        return self.node(side).url(vhost, tls=side in self.tls, query=query)
+
+    def broker_options(self, side: str) -> str:
+        """
+        @return: TOML keys for a C{[control]} or C{[tenant]} section that
+            reach that side's broker as the lab set it up: its TLS files as
+            an inline C{tls} table, and the login method.
+        """
+        if side not in self.tls:
+            return ""
+        assert self.pki is not None
+        lines = [
+            f'tls = {{ ca_file = "{self.pki.ca}", cert_file = "{self.pki.cert("client")}", key_file = "{self.pki.key("client")}" }}'
+        ]
+        if side in self.external:
+            lines.append('login_method = "EXTERNAL"')
+        return "\n".join(lines)
+
+    def oslo_options(self, side: str) -> dict[str, Any]:
+        """@return: oslo.messaging rabbit options for a peer on that side's broker."""
+        if side not in self.tls:
+            return {}
+        assert self.pki is not None
+        options: dict[str, Any] = {
+            "ssl": True,
+            "ssl_ca_file": self.pki.ca,
+            "ssl_cert_file": self.pki.cert("client"),
+            "ssl_key_file": self.pki.key("client"),
+        }
+        if side in self.external:
+            options["rabbit_login_method"] = "EXTERNAL"
+        return options
 
     def path(self, *parts: str) -> str:
         path = os.path.join(self.root, *parts)
@@ -193,11 +278,11 @@ class Lab:
 
     def spawn_peer(self, side: str, vhost: str, exchange: str = "openstack", **rabbit: Any) -> OsloPeer:
         """An oslo peer on the control broker (C{side="control"}) or the tenant one."""
-        node = self.control_node if side == "control" else self.tenant_node
         label = f"oslo-{side}-{len(self.processes)}"
+        rabbit = {**self.oslo_options(side), **rabbit}
         peer = spawn_peer(
             self.reactor,
-            node.url(vhost),
+            self.url(side, vhost, query=False),
             self.path("logs", f"{label}.log"),
             label,
             namespace=self.namespace.name if side == "tenant" else None,
@@ -234,11 +319,13 @@ class Lab:
         socket = self.path("sockets", f"{name}.sock")
         control_config = self.write(
             f"{name}-control.toml",
-            f'[control]\ntransport_url = "{self.control_node.url(control_vhost)}"\n{control_extra}\n\n'
-            f'[[control.links]]\nname = "{name}"\nsocket = "{socket}"\n{routes}\n',
+            f'[control]\ntransport_url = "{self.url("control", control_vhost)}"\n{self.broker_options("control")}\n'
+            f'{control_extra}\n\n[[control.links]]\nname = "{name}"\nsocket = "{socket}"\n{routes}\n',
         )
         tenant_config = self.write(
-            f"{name}-tenant.toml", f'[tenant]\ntransport_url = "{self.tenant_node.url(tenant_vhost)}"\nsocket = "{socket}"\n'
+            f"{name}-tenant.toml",
+            f'[tenant]\ntransport_url = "{self.url("tenant", tenant_vhost)}"\nsocket = "{socket}"\n'
+            f'{self.broker_options("tenant")}\n',
         )
         control = self.spawn_half(control_config, f"{name}-control", in_tenant_network=False)
         await self.wait_for_log(control, "listening on")

@@ -26,6 +26,8 @@ import subprocess
 import time
 from typing import Any
 
+from lab.pki import Pki
+
 RABBITMQ_USER = "rabbitmq"
 
 
@@ -90,18 +92,52 @@ _PROBE = (
 )
 
 
+_TLS_PROBE = (
+    "import socket,ssl,sys\n"
+    "c=ssl.create_default_context(cafile=sys.argv[2])\n"
+    "s=c.wrap_socket(socket.create_connection(('127.0.0.1',int(sys.argv[1])),timeout=2),server_hostname='localhost')\n"
+    "s.sendall(b'AMQP\\x00\\x00\\x09\\x01')\n"
+    "sys.exit(0 if s.recv(7)[:1]==b'\\x01' else 1)\n"
+)
+
+
 class RabbitNode:
     """
-    A private RabbitMQ node, optionally inside a namespace.
+    A private RabbitMQ node, optionally inside a namespace, optionally with
+    a TLS listener.
+
+    With C{pki}, the node listens for TLS on C{tls_port} with the PKI's
+    server certificate (copied into its directory, so that tests can swap
+    it: L{use_certificate}), asks clients for a certificate without
+    requiring one, and offers the EXTERNAL login (plugin
+    rabbitmq_auth_mechanism_ssl, user name from the certificate's common
+    name); its plain listener on C{port} is then off unless C{plain} says
+    otherwise.
 
     @ivar directory: its data, logs and config (owned by the rabbitmq user).
+    @ivar port: the plain AMQP port, or L{None} for a TLS-only node.
+    @ivar tls_port: the TLS port, or L{None}.
     """
 
-    def __init__(self, node: str, directory: str, namespace: Namespace | None = None, port: int = 5672) -> None:
+    def __init__(
+        self,
+        node: str,
+        directory: str,
+        namespace: Namespace | None = None,
+        port: int = 5672,
+        pki: Pki | None = None,
+        tls_port: int | None = None,
+        plain: bool = False,
+    ) -> None:
         self.node = node
         self.directory = directory
         self.namespace = namespace
-        self.port = port
+        self.pki = pki
+        self.tls_port = (tls_port or port) if pki is not None else None
+        self.port: int | None = port if pki is None or plain else None
+        if self.port is not None and self.port == self.tls_port:
+            raise ValueError("the plain and TLS listeners need different ports")
+        self._dist_port = max(p for p in (self.port, self.tls_port) if p is not None) + 20000
 
     def _argv(self, argv: list[str]) -> list[str]:
         return self.namespace.argv(argv) if self.namespace else argv
@@ -117,15 +153,43 @@ class RabbitNode:
             "RABBITMQ_MNESIA_BASE": f"{d}/mnesia",
             "RABBITMQ_LOG_BASE": f"{d}/log",
             "RABBITMQ_PID_FILE": f"{d}/rabbit.pid",
-            "RABBITMQ_NODE_PORT": str(self.port),
-            "RABBITMQ_DIST_PORT": str(self.port + 20000),
+            "RABBITMQ_DIST_PORT": str(self._dist_port),
         }
 
-    def url(self, vhost: str = "/") -> str:
-        """@return: the oslo transport URL of a vhost on this node."""
+    def url(self, vhost: str = "/", tls: bool | None = None, query: bool = True) -> str:
+        """
+        @param tls: the TLS listener (with C{?ssl=1}) or the plain one; by
+            default TLS when the node has it.
+        @param query: add C{?ssl=1} for TLS (oslo peers get TLS from their
+            options instead).
+        @return: the oslo transport URL of a vhost on this node.
+        """
         from urllib.parse import quote
 
-        return f"rabbit://guest:guest@127.0.0.1:{self.port}/{quote(vhost, safe='')}"
+        use_tls = self.tls_port is not None if tls is None else tls
+        port = self.tls_port if use_tls else self.port
+        if port is None:
+            raise ValueError(f"node {self.node} has no {'TLS' if use_tls else 'plain'} listener")
+        suffix = "?ssl=1" if use_tls and query else ""
+        return f"rabbit://guest:guest@127.0.0.1:{port}/{quote(vhost, safe='')}{suffix}"
+
+    @property
+    def tls_files(self) -> str:
+        """The directory of the certificate, key and CA files the node reads."""
+        return f"{self.directory}/tls"
+
+    def use_certificate(self, name: str) -> None:
+        """
+        Make the node present another certificate of its PKI
+        (C{"server-expired"}...) to new connections, as a broker operator
+        rotating certificates would: replace the files, clear Erlang's PEM
+        cache.
+        """
+        assert self.pki is not None
+        for source, target in ((self.pki.cert(name), "server.pem"), (self.pki.key(name), "server.key")):
+            shutil.copyfile(source, f"{self.tls_files}/{target}")
+        run(["chown", "-R", f"{RABBITMQ_USER}:{RABBITMQ_USER}", self.tls_files])
+        self.ctl("eval", "ssl:clear_pem_cache().")
 
     def prepare(self, plugins: tuple[str, ...] = (), fresh: bool = True) -> None:
         """Write config files (and wipe old data when C{fresh})."""
@@ -133,10 +197,29 @@ class RabbitNode:
             shutil.rmtree(self.directory)
         os.makedirs(f"{self.directory}/log", exist_ok=True)
         os.makedirs(f"{self.directory}/mnesia", exist_ok=True)
+        listeners = f"listeners.tcp.default = 127.0.0.1:{self.port}\n" if self.port is not None else "listeners.tcp = none\n"
+        if self.pki is not None:
+            os.makedirs(self.tls_files, exist_ok=True)
+            for source, target in ((self.pki.ca, "ca.pem"), (self.pki.cert("server"), "server.pem"), (self.pki.key("server"), "server.key")):
+                shutil.copyfile(source, f"{self.tls_files}/{target}")
+            listeners += (
+                f"listeners.ssl.default = 127.0.0.1:{self.tls_port}\n"
+                f"ssl_options.cacertfile = {self.tls_files}/ca.pem\n"
+                f"ssl_options.certfile = {self.tls_files}/server.pem\n"
+                f"ssl_options.keyfile = {self.tls_files}/server.key\n"
+                "ssl_options.verify = verify_peer\n"
+                "ssl_options.fail_if_no_peer_cert = false\n"
+                "ssl_options.versions.1 = tlsv1.3\n"
+                "ssl_options.versions.2 = tlsv1.2\n"
+                "auth_mechanisms.1 = PLAIN\n"
+                "auth_mechanisms.2 = AMQPLAIN\n"
+                "auth_mechanisms.3 = EXTERNAL\n"
+                "ssl_cert_login_from = common_name\n"
+            )
+            plugins = tuple(plugins) + ("rabbitmq_auth_mechanism_ssl",)
         with open(f"{self.directory}/rabbitmq.conf", "w") as f:
             f.write(
-                f"listeners.tcp.default = 127.0.0.1:{self.port}\n"
-                "loopback_users = none\n"
+                listeners + "loopback_users = none\n"
                 "disk_free_limit.absolute = 50MB\n"
                 "vm_memory_high_watermark.relative = 0.25\n"
                 "log.file.level = warning\n"
@@ -165,6 +248,9 @@ class RabbitNode:
 
     def ready(self) -> bool:
         """Whether the node accepts AMQP connections (checked from its namespace)."""
+        if self.port is None:
+            assert self.pki is not None
+            return run(self._argv(["python3", "-c", _TLS_PROBE, str(self.tls_port), self.pki.ca]), check=False).returncode == 0
         if self.namespace is None:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
@@ -251,14 +337,18 @@ class SystemBroker:
     """
 
     port = 5672
+    tls_port = None
+    pki = None
 
     def ctl(self, *args: str, check: bool = True) -> str:
         """Run C{rabbitmqctl} against the machine's broker."""
         return run(["rabbitmqctl", "-q"] + list(args), check=check).stdout
 
-    def url(self, vhost: str = "/") -> str:
+    def url(self, vhost: str = "/", tls: bool | None = None, query: bool = True) -> str:
         from urllib.parse import quote
 
+        if tls:
+            raise ValueError("the machine's RabbitMQ has no TLS listener in the lab")
         return f"rabbit://guest:guest@127.0.0.1:{self.port}/{quote(vhost, safe='')}"
 
     def add_vhost(self, vhost: str) -> None:

@@ -21,9 +21,10 @@ from typing import Any
 
 import attrs
 from twisted.internet import abstract, tcp, unix
+from twisted.protocols import tls
 from txamqp.protocol import AMQClient
 
-__all__ = ["RELIED_ON", "Reliance", "forget_txamqp_channel", "txamqp_channel_numbers", "unpack_txamqp_frame"]
+__all__ = ["RELIED_ON", "Reliance", "flush_tls_writes", "forget_txamqp_channel", "txamqp_channel_numbers", "unpack_txamqp_frame"]
 
 
 @attrs.frozen
@@ -59,6 +60,7 @@ RELIED_ON: tuple[Reliance, ...] = (
     Reliance(unix.Server, "_sendmsgQueue", True, "write-through: file descriptors waiting to be sent (Unix sockets)"),
     Reliance(tcp.Connection, "socket", True, "write-through: the socket to send on"),
     Reliance(abstract.FileDescriptor, "doWrite", False, "write-through: flush now what the reactor would flush next turn"),
+    Reliance(tls.BufferingTLSTransport, "_aggregator", True, "write-through over TLS: encrypt now the small writes TLS keeps for next turn"),
 )
 
 
@@ -74,6 +76,16 @@ def unpack_txamqp_frame(protocol: AMQClient, raw: bytes) -> Any:
 def txamqp_channel_numbers(protocol: AMQClient) -> set[int]:
     """@return: the channel numbers txAMQP has objects for."""
     return set(protocol.channels)
+
+
+def flush_tls_writes(transport: tls.TLSMemoryBIOProtocol) -> None:
+    """
+    Encrypt and pass down now the small writes Twisted's TLS transport keeps
+    until its next turn (a Twisted without that buffering writes at once).
+    """
+    aggregator = getattr(transport, "_aggregator", None)
+    if aggregator is not None:
+        aggregator.flush()
 
 
 def forget_txamqp_channel(protocol: AMQClient, number: int) -> None:

@@ -85,6 +85,10 @@ class Section:
         """
         return name in self._table
 
+    def names(self) -> list[str]:
+        """@return: the keys present in this table, sorted."""
+        return sorted(self._table)
+
     def get(
         self,
         name: str,

@@ -22,8 +22,15 @@ Whatever the kernel does not take at once stays in the transport's own
 buffer, so ordering, flow control (producers) and error handling remain
 Twisted's.  The fast path uses attributes of
 L{twisted.internet.abstract.FileDescriptor} and checks for them; any other
-transport (test doubles, TLS, another reactor's transports) is written the
+transport (test doubles, another reactor's transports) is written the
 ordinary way.
+
+TLS (L{twisted.protocols.tls}) adds a turn of its own: it collects small
+writes until the next turn before encrypting them.  An urgent write on a
+quiet TLS connection therefore flushes that collection (the same flush
+C{loseConnection} does), so the encrypted bytes reach the TCP transport at
+once and go out as above; under load, writes are left to Twisted, which
+encrypts a whole turn's writes in one record.
 """
 
 from __future__ import annotations
@@ -32,6 +39,9 @@ import socket
 from typing import Any, Sequence
 
 from twisted.internet import tcp
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+
+from msgmux._private_apis import flush_tls_writes
 
 __all__ = ["Writer"]
 
@@ -63,11 +73,25 @@ def _socket_if_idle(transport: Any) -> socket.socket | None:
     return sock
 
 
+def _flush_tls(transport: Any) -> Any:
+    """
+    Encrypt what a TLS transport collected for the next turn now.
+
+    @return: the TCP transport under C{transport}, or C{transport} itself
+        when it is not TLS.
+    """
+    if not isinstance(transport, TLSMemoryBIOProtocol):
+        return transport
+    flush_tls_writes(transport)
+    return transport.transport
+
+
 def _send_now(transport: Any, parts: Sequence[bytes]) -> None:
     """Write C{parts} after anything queued, and send it all right away."""
     sock = _socket_if_idle(transport)
     if sock is None:
         transport.writeSequence(parts)
+        transport = _flush_tls(transport)
         if isinstance(transport, tcp.Connection) and transport.connected and not transport.disconnecting:
             # What the reactor would do on the next turn, now.  An error is
             # left for the reactor to meet: the transport stays registered

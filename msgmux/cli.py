@@ -54,13 +54,27 @@ def _reader_gone() -> int:
     return EXIT_BROKEN_PIPE
 
 
+def _tls(broker: Any) -> str:
+    """How a half reaches its broker, for the summary."""
+    if broker.tls is None:
+        text = ", plain AMQP"
+    else:
+        tls = broker.tls
+        text = f", TLS (CA {tls.ca_file or 'system'}, {'verified' if tls.verify else 'NOT verified'}"
+        text += f", client certificate {tls.cert_file})" if tls.cert_file else ")"
+    return text + f", login {broker.login_method}"
+
+
 def describe(config: Config) -> str:
     """A short human summary of a valid configuration."""
     lines = []
     if config.control is not None:
         control = config.control
         hosts = ", ".join(f"{h.host}:{h.port}" for h in control.broker.hosts)
-        lines.append(f"control half: broker {hosts} vhost {control.broker.virtual_host!r}, exchange {control.broker.exchange!r}")
+        lines.append(
+            f"control half: broker {hosts} vhost {control.broker.virtual_host!r}, exchange {control.broker.exchange!r}"
+            + _tls(control.broker)
+        )
         if control.reply_key is not None:
             verifying = ", ".join(key_id(key) for key in control.reply_verify_keys) or "no other"
             lines.append(f"  reply keys: signing with {key_id(control.reply_key)}, also verifying {verifying}")
@@ -90,7 +104,7 @@ def describe(config: Config) -> str:
     if config.tenant is not None:
         tenant = config.tenant
         hosts = ", ".join(f"{h.host}:{h.port}" for h in tenant.broker.hosts)
-        lines.append(f"tenant half: broker {hosts} vhost {tenant.broker.virtual_host!r}, socket {tenant.socket}")
+        lines.append(f"tenant half: broker {hosts} vhost {tenant.broker.virtual_host!r}, socket {tenant.socket}" + _tls(tenant.broker))
     return "\n".join(lines)
 
 
@@ -192,8 +206,12 @@ def render_status(first: dict[str, Any], second: dict[str, Any], interval: float
             )
     for broker in second["brokers"]:
         state = "connected to " + broker["address"] if broker["connected"] else "DISCONNECTED"
+        if broker["connected"] and broker.get("tls"):
+            state += " over TLS"
         if broker.get("blocked"):
             state += f" (blocked: {broker['blocked']})"
+        for address, reason in sorted((broker.get("failing") or {}).items()):
+            state += f"; {address} failing ({reason})"
         lines.append(f"broker {broker['name']}: {state}")
     return "\n".join(lines)
 

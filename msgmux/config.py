@@ -2,7 +2,9 @@
 """
 The msgmux configuration: TOML in, frozen value objects out.
 
-Pure code: no Twisted, no sockets.  L{load} reads a file, L{parse} a string;
+Pure code: no reactor, no sockets (the TLS files a C{[control.tls]} or
+C{[tenant.tls]} table names are read and checked with
+L{msgmux.amqp.tls.load_material}).  L{load} reads a file, L{parse} a string;
 both raise L{ConfigError} naming the file and the dotted key of the first
 problem, so C{twistd msgmux --config FILE} can refuse to start before anything
 is bound or connected.  The keys are documented in C{docs/configuration.md}.
@@ -18,6 +20,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import attrs
 
 from msgmux._toml import ConfigError, Section
+from msgmux.amqp.tls import TLS_VERSIONS, TlsConfig, TlsFileError, load_material
 from msgmux.oslo.tokens import MAX_VERIFY_KEYS
 from msgmux.tenantspec import SupervisionConfig, TenantSpec, read_supervision, read_tenant_spec
 
@@ -35,11 +38,16 @@ __all__ = [
     "SupervisionConfig",
     "TenantConfig",
     "TenantSpec",
+    "TlsConfig",
     "load",
     "parse",
     "parse_link",
     "parse_transport_url",
+    "transport_url_ssl",
 ]
+
+#: SASL mechanisms, as oslo's C{rabbit_login_method} names them.
+LOGIN_METHODS = ("PLAIN", "AMQPLAIN", "EXTERNAL")
 
 #: oslo's notification priorities (oslo_messaging.notify.notifier).
 PRIORITIES = ("audit", "debug", "info", "warn", "warning", "error", "critical", "sample")
@@ -98,6 +106,8 @@ class BrokerConfig:
     @ivar queues: declaration options matching oslo's on this broker.
     @ivar heartbeat: AMQP heartbeat in seconds (0 disables).
     @ivar prefetch: C{basic.qos} prefetch per consumer.
+    @ivar tls: TLS to every host, or L{None} for plain AMQP.
+    @ivar login_method: the SASL mechanism (one of L{LOGIN_METHODS}).
     """
 
     hosts: tuple[BrokerHost, ...]
@@ -106,6 +116,8 @@ class BrokerConfig:
     queues: QueueOptions = QueueOptions()
     heartbeat: int = 30
     prefetch: int = 64
+    tls: TlsConfig | None = None
+    login_method: str = "PLAIN"
 
 
 @attrs.frozen
@@ -471,11 +483,18 @@ def _broker(section: Section) -> BrokerConfig:
     url = section.get("transport_url", str)
     try:
         hosts, vhost = parse_transport_url(url)
+        url_ssl = transport_url_ssl(url)
     except ValueError as e:
         raise section.error("transport_url", str(e)) from None
     exchange = section.get("exchange", str, "openstack", _name_problem)
     heartbeat = section.get("heartbeat", int, 30, lambda v: None if 0 <= v <= 600 else "must be 0-600 seconds")
     prefetch = section.get("prefetch", int, 64, lambda v: None if 1 <= v <= 65535 else "must be 1-65535")
+    login_method = section.get(
+        "login_method", str, "PLAIN", lambda v: None if v in LOGIN_METHODS else "must be one of " + ", ".join(LOGIN_METHODS)
+    )
+    tls = _tls(section, url_ssl)
+    if login_method == "EXTERNAL" and (tls is None or tls.cert_file is None):
+        raise section.error("login_method", "EXTERNAL logs in with the TLS client certificate: set tls.cert_file and tls.key_file")
     return BrokerConfig(
         hosts=hosts,
         virtual_host=vhost,
@@ -483,7 +502,46 @@ def _broker(section: Section) -> BrokerConfig:
         queues=_queue_options(section.table("queues")),
         heartbeat=heartbeat,
         prefetch=prefetch,
+        tls=tls,
+        login_method=login_method,
     )
+
+
+def _tls(broker: Section, url_ssl: bool | None) -> TlsConfig | None:
+    """
+    The C{tls} table of a broker section.  TLS is on when the transport URL
+    says C{?ssl=1} or the table says C{enabled = true} (oslo's C{ssl});
+    the files it names are read and checked now.
+    """
+    section = broker.table("tls")
+    enabled = section.get("enabled", bool, None)
+    if enabled is not None and url_ssl is not None and enabled != url_ssl:
+        raise section.error("enabled", f"contradicts the transport_url's ssl={'1' if url_ssl else '0'}")
+    if not (enabled or url_ssl):
+        known = [name for name in section.names() if name != "enabled"]
+        if known:
+            raise section.error(known[0], "is set but TLS is off (add ?ssl=1 to transport_url or set tls.enabled = true)")
+        section.finish()
+        return None
+    path_check = lambda v: None if v.startswith("/") else "must be an absolute path"  # noqa: E731
+    config = TlsConfig(
+        ca_file=section.get("ca_file", str, None, path_check),
+        cert_file=section.get("cert_file", str, None, path_check),
+        key_file=section.get("key_file", str, None, path_check),
+        verify=section.get("verify", bool, True),
+        minimum_version=section.get(
+            "minimum_version", str, "TLSv1.2", lambda v: None if v in TLS_VERSIONS else "must be \"TLSv1.2\" or \"TLSv1.3\""
+        ),
+    )
+    if (config.cert_file is None) != (config.key_file is None):
+        missing = "key_file" if config.key_file is None else "cert_file"
+        raise section.error(missing, "is required with " + ("cert_file" if missing == "key_file" else "key_file"))
+    section.finish()
+    try:
+        load_material(config)
+    except TlsFileError as e:
+        raise section.error(e.key, e.problem) from None
+    return config
 
 
 def parse_transport_url(url: str) -> tuple[tuple[BrokerHost, ...], str]:
@@ -502,9 +560,7 @@ def parse_transport_url(url: str) -> tuple[tuple[BrokerHost, ...], str]:
     parts = urlsplit(url)
     if parts.scheme != "rabbit":
         raise ValueError(f"must start with rabbit:// (got {parts.scheme or 'no'} scheme)")
-    if parts.query:
-        unsupported = sorted(parse_qs(parts.query, keep_blank_values=True))
-        raise ValueError(f"query options are not supported: {', '.join(unsupported)}")
+    transport_url_ssl(url)
     if parts.fragment:
         raise ValueError("must not have a #fragment")
     hosts: list[BrokerHost] = []
@@ -523,6 +579,30 @@ def parse_transport_url(url: str) -> tuple[tuple[BrokerHost, ...], str]:
         raise ValueError("names no broker host")
     vhost = unquote(parts.path[1:]) if parts.path.startswith("/") else ""
     return tuple(hosts), vhost or "/"
+
+
+#: oslo's spellings of C{?ssl=} (oslo.utils C{bool_from_string}).
+_SSL_VALUES = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def transport_url_ssl(url: str) -> bool | None:
+    """
+    Read the one query option msgmux takes from a transport URL: oslo's
+    C{ssl} (C{?ssl=1}, C{?ssl=true}), which turns TLS on for every host.
+
+    @return: its value, or L{None} when the URL does not say.
+    @raise ValueError: for another option or a value that is not a boolean.
+    """
+    query = parse_qs(urlsplit(url).query, keep_blank_values=True)
+    unsupported = sorted(set(query) - {"ssl"})
+    if unsupported:
+        raise ValueError(f"query options other than ssl are not supported: {', '.join(unsupported)}")
+    if "ssl" not in query:
+        return None
+    values = query["ssl"]
+    if len(values) != 1 or values[0].lower() not in _SSL_VALUES:
+        raise ValueError(f"ssl must be 1, true, 0 or false, not {','.join(values)!r}")
+    return _SSL_VALUES[values[0].lower()]
 
 
 def _host_port(hostport: str) -> tuple[str, int]:

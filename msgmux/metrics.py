@@ -153,8 +153,17 @@ class MsgmuxCollector:
             protocol = broker.protocol
             connected.add_metric([broker.name], 0 if protocol is None else 1)
             blocked.add_metric([broker.name], 1 if protocol is not None and protocol.blocked else 0)
+        failures = CounterMetricFamily(
+            "msgmux_broker_connect_failures_total",
+            "Failed attempts to connect and log in to the broker, by reason (connect, timeout, login, lost, tls-*).",
+            labels=("broker", "reason"),
+        )
+        for broker in self.brokers:
+            for reason, count in sorted(broker.failures.counts.items()):
+                failures.add_metric([broker.name, reason], count)
         yield connected
         yield blocked
+        yield failures
         for extra in self.extras:
             yield from extra.collect()
 
@@ -174,6 +183,8 @@ class MsgmuxCollector:
                     "connected": broker.protocol is not None,
                     "address": broker.display,
                     "blocked": broker.protocol.blocked if broker.protocol is not None else None,
+                    "tls": broker.tls is not None,
+                    "failing": broker.failures.failing(),
                 }
                 for broker in self.brokers
             ],

@@ -301,6 +301,10 @@ class MsgmuxService(Service):
     async def _reload(self) -> None:
         if not self.running:
             return  # stopping, or stopped while this reload waited
+        # Certificate rotation: the same paths, new contents, for the
+        # connections made from now on (whatever the rest of the file says).
+        for broker in self._brokers():
+            broker.reload_tls()
         try:
             config = load(self.config.path)
         except ConfigError as e:

@@ -290,6 +290,33 @@ class HandshakeTests(SynchronousTestCase):
         self.assertEqual(properties["connection_name"], "msgmux test")
         self.assertIn(b"\x00user\x00secret", payload)
 
+    def test_login_methods(self) -> None:
+        """
+        connection.start-ok names the configured mechanism: PLAIN and
+        AMQPLAIN carry the credentials, EXTERNAL an empty response (the
+        broker takes the identity from the TLS client certificate).
+        """
+        server = wire.encode_table({"product": "RabbitMQ"})
+        start = struct.pack(">HHBB", 10, 10, 0, 9) + server + struct.pack(">I", 14) + b"PLAIN EXTERNAL" + struct.pack(">I", 5) + b"en_US"
+        amqplain = wire.encode_table({"LOGIN": "user", "PASSWORD": "secret"})[4:]
+        expected = {"PLAIN": b"\x00user\x00secret", "AMQPLAIN": amqplain, "EXTERNAL": b""}
+        for method, response in expected.items():
+            protocol = BrokerProtocol(BrokerDelegate(), "/", 0, Clock(), "user", "secret", "msgmux test", login_method=method)
+            transport = StringTransport()
+            protocol.makeConnection(transport)
+            transport.clear()
+            protocol.dataReceived(wire.frame(1, 0, start))
+            _, _, size = wire.FRAME_HEAD.unpack_from(transport.value(), 0)
+            payload = transport.value()[7 : 7 + size]
+            _, offset = wire.decode_table(payload, 4)
+            mechanism_length = payload[offset]
+            self.assertEqual(payload[offset + 1 : offset + 1 + mechanism_length].decode(), method)
+            offset += 1 + mechanism_length
+            length = struct.unpack_from(">I", payload, offset)[0]
+            self.assertEqual(payload[offset + 4 : offset + 4 + length], response, method)
+            if method == "EXTERNAL":
+                self.assertNotIn(b"secret", transport.value())
+
     def test_silent_broker_is_aborted(self) -> None:
         """With heartbeats on, a broker that sends nothing for three intervals is dropped; traffic keeps it alive."""
         clock = Clock()

@@ -77,3 +77,33 @@ class LoginTimeoutTests(SynchronousTestCase):
         reactor.advance(1.0)  # the retry goes to the next host
         self.assertEqual(reactor.tcpClients[-1][:2], ("127.0.0.1", 5673))
         self.successResultOf(service.stopService())
+
+
+class TlsEndpointTests(SynchronousTestCase):
+    def test_tls_wraps_each_attempt(self) -> None:
+        """With TLS, each attempt is TLS over the same TCP connection, checked against that attempt's host."""
+        import os
+
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        from lab.pki import make_pki
+        from msgmux.amqp.tls import TlsClient, TlsConfig
+
+        pki = make_pki(os.path.abspath(self.mktemp()))
+        reactor = MemoryReactorClock()
+        hosts, _ = parse_transport_url("rabbit://u:p@127.0.0.1:5671,localhost:5671/?ssl=1")
+        tls = TlsClient(TlsConfig(ca_file=pki.ca), "control")
+        endpoint = FailoverEndpoint(reactor, hosts, timeout=1, tls=tls)
+        failed: list[str] = []
+        endpoint.attempt_failed = lambda host, error: failed.append(host.host)
+        for expected in ("127.0.0.1", "localhost"):
+            attempt = endpoint.connect(Factory.forProtocol(Protocol))
+            reactor.advance(0)
+            host, port, factory, _, _ = reactor.tcpClients[-1]
+            self.assertEqual(port, 5671)
+            self.assertIsInstance(factory._wrappedFactory, TLSMemoryBIOFactory)
+            self.assertEqual(endpoint.current.host, expected)
+            factory.clientConnectionFailed(reactor.connectors[-1], Failure(ConnectionRefusedError()))
+            reactor.advance(1)
+            self.failureResultOf(attempt)
+        self.assertEqual(failed, ["127.0.0.1", "localhost"])

@@ -88,6 +88,21 @@ class StatusTests(SynchronousTestCase):
         self.assertEqual(lines[1].split(), ["control", "tenant-a", "yes", "NO", "3.1", "10.0", "1.0", "3", "3"])
         self.assertEqual(lines[2], "broker control: connected to r1:5672 (blocked: memory alarm)")
 
+    def test_tls_and_failing_hosts(self) -> None:
+        """A broker reached over TLS says so; hosts failing now are listed with their reason."""
+        brokers = [
+            {"name": "control", "connected": True, "address": "r2:5671", "blocked": None, "tls": True, "failing": {"r1:5671": "tls-expired"}},
+            {"name": "tenant", "connected": False, "address": "", "blocked": None, "tls": True, "failing": {"127.0.0.1:5671": "tls-untrusted"}},
+        ]
+        table = render_status({"links": [], "brokers": brokers}, {"links": [], "brokers": brokers}, 1.0)
+        self.assertEqual(
+            table.splitlines()[-2:],
+            [
+                "broker control: connected to r2:5671 over TLS; r1:5671 failing (tls-expired)",
+                "broker tenant: DISCONNECTED; 127.0.0.1:5671 failing (tls-untrusted)",
+            ],
+        )
+
     def test_endpoints(self) -> None:
         """The metrics endpoint of a configuration turns into a client endpoint for the same place."""
         from twisted.internet.testing import MemoryReactor

@@ -24,9 +24,11 @@ from msgmux.config import (
     QueueOptions,
     RpcRule,
     TenantConfig,
+    TlsConfig,
     load,
     parse,
     parse_transport_url,
+    transport_url_ssl,
 )
 from tests.doubles import control_config
 
@@ -197,7 +199,16 @@ BAD = [
     ("negative inflight", CONTROL + "[control.limits]\nmax_inflight_calls = -1", "control.limits.max_inflight_calls"),
     ("message size too small", link("[control.links.limits]\nmax_message_size = 1023"), "control.links[0].limits.max_message_size"),
     ("bad transport_url scheme", CONTROL.replace("rabbit://", "amqp://"), "control.transport_url"),
-    ("transport_url query", TENANT.replace("h/", "h/?ssl=1"), "tenant.transport_url"),
+    ("transport_url query", TENANT.replace("h/", "h/?heartbeat=5"), "tenant.transport_url"),
+    ("transport_url ssl not a boolean", TENANT.replace("h/", "h/?ssl=maybe"), "tenant.transport_url"),
+    ("tls keys with TLS off", TENANT + "[tenant.tls]\nverify = false", "tenant.tls.verify"),
+    ("tls enabled contradicts url", TENANT.replace("h/", "h/?ssl=0") + "[tenant.tls]\nenabled = true", "tenant.tls.enabled"),
+    ("tls relative ca_file", TENANT.replace("h/", "h/?ssl=1") + "[tenant.tls]\nca_file = 'ca.pem'", "tenant.tls.ca_file"),
+    ("tls old minimum_version", TENANT.replace("h/", "h/?ssl=1") + "[tenant.tls]\nminimum_version = 'TLSv1'", "tenant.tls.minimum_version"),
+    ("tls unknown key", TENANT.replace("h/", "h/?ssl=1") + "[tenant.tls]\ncafile = '/x'", "tenant.tls.cafile"),
+    ("bad login_method", TENANT + "login_method = 'GSSAPI'", "tenant.login_method"),
+    ("EXTERNAL without TLS", TENANT + "login_method = 'EXTERNAL'", "tenant.login_method"),
+    ("EXTERNAL without certificate", TENANT.replace("h/", "h/?ssl=1") + "login_method = 'EXTERNAL'", "tenant.login_method"),
     ("transport_url bad port", TENANT.replace("@h/", "@h:99999/"), "tenant.transport_url"),
     ("transport_url no host", TENANT.replace("u:p@h/", "/"), "tenant.transport_url"),
     ("transport_url broken IPv6", TENANT.replace("@h/", "@[::1/"), "tenant.transport_url"),
@@ -454,7 +465,8 @@ class TransportUrlTests(SynchronousTestCase):
         cases = {
             "amqp://h/": "rabbit://",
             "h:5672": "rabbit://",
-            "rabbit://h/?ssl=1&heartbeat=5": "heartbeat, ssl",
+            "rabbit://h/?ssl=1&heartbeat=5": "other than ssl are not supported: heartbeat",
+            "rabbit://h/?ssl=2": "ssl must be",
             "rabbit://h/#x": "fragment",
             "rabbit://h:0/": "bad port",
             "rabbit://h:65536/": "bad port",
@@ -530,3 +542,88 @@ class ConfigErrorTests(ConfigTestCase):
         for text in ("", "# nothing\n"):
             error = self.file_error(self.write(text))
             self.assertIn("[control]", str(error))
+
+
+class TlsConfigTests(ConfigTestCase):
+    """
+    C{[tenant.tls]} / C{[control.tls]}: TLS per broker, its files read and
+    checked at load time, each problem naming its key.
+    """
+
+    def setUp(self) -> None:
+        from lab.pki import make_pki
+
+        self.pki = make_pki(os.path.abspath(self.mktemp()))
+
+    def tenant(self, tls: str, url: str = "rabbit://u:p@h/?ssl=1", extra: str = "") -> str:
+        return f"[tenant]\ntransport_url = '{url}'\nsocket = '/run/a.sock'\n{extra}\n[tenant.tls]\n{tls}\n"
+
+    def files(self, ca: str | None = None, cert: str = "client", key: str | None = None) -> str:
+        pki = self.pki
+        return (
+            f"ca_file = '{ca or pki.ca}'\ncert_file = '{pki.cert(cert)}'\nkey_file = '{key or pki.key(cert)}'\n"
+        )
+
+    def test_url_ssl_and_files(self) -> None:
+        """?ssl=1 turns TLS on; the table's files and options are kept, EXTERNAL login is allowed."""
+        config = load(self.write(self.tenant(self.files() + "minimum_version = 'TLSv1_3'", extra="login_method = 'EXTERNAL'")))
+        assert config.tenant is not None
+        broker = config.tenant.broker
+        self.assertEqual(
+            broker.tls,
+            TlsConfig(
+                ca_file=self.pki.ca,
+                cert_file=self.pki.cert("client"),
+                key_file=self.pki.key("client"),
+                verify=True,
+                minimum_version="TLSv1_3",
+            ),
+        )
+        self.assertEqual(broker.login_method, "EXTERNAL")
+
+    def test_spellings(self) -> None:
+        """oslo's ssl=true and tls.enabled turn TLS on with the defaults; without either it is off."""
+        for url, tls in (("rabbit://h/?ssl=true", ""), ("rabbit://h/?ssl=True", ""), ("rabbit://h/", "enabled = true")):
+            config = load(self.write(self.tenant(tls, url=url)))
+            assert config.tenant is not None
+            self.assertEqual(config.tenant.broker.tls, TlsConfig(), url)
+        for url in ("rabbit://h/", "rabbit://h/?ssl=0", "rabbit://h/?ssl=false"):
+            config = load(self.write(self.tenant("", url=url)))
+            assert config.tenant is not None
+            self.assertIsNone(config.tenant.broker.tls, url)
+            self.assertEqual(config.tenant.broker.login_method, "PLAIN")
+        self.assertEqual(
+            [transport_url_ssl(u) for u in ("rabbit://h/", "rabbit://h/?ssl=1", "rabbit://h/?ssl=off")], [None, True, False]
+        )
+
+    def test_file_problems(self) -> None:
+        """Missing files, files that are not PEM, and a key of another certificate name their key."""
+        pki = self.pki
+        garbage = self.write("not a certificate\n")
+        broken = self.write("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+        cases = [
+            (self.files(ca="/nonexistent/ca.pem"), "tenant.tls.ca_file", "cannot read /nonexistent/ca.pem"),
+            (self.files(ca=garbage), "tenant.tls.ca_file", "holds no PEM certificate"),
+            (self.files(ca=broken), "tenant.tls.ca_file", "does not parse"),
+            (self.files(key="/nonexistent/client.key"), "tenant.tls.key_file", "cannot read"),
+            (self.files(key=pki.key("client-expired")), "tenant.tls.key_file", "is not the private key of"),
+            (self.files(key=garbage), "tenant.tls.key_file", "is not an unencrypted PEM private key"),
+            (self.files(key=pki.cert("client")), "tenant.tls.key_file", "is not an unencrypted PEM private key"),
+            (f"cert_file = '{pki.cert('client')}'", "tenant.tls.key_file", "is required with cert_file"),
+            (f"key_file = '{pki.key('client')}'", "tenant.tls.cert_file", "is required with key_file"),
+        ]
+        for tls, key, words in cases:
+            path = self.write(self.tenant(tls))
+            error = self.assertRaises(ConfigError, load, path)
+            self.assertEqual((error.path, error.key), (path, key), str(error))
+            self.assertIn(words, error.problem, str(error))
+
+    def test_control_side(self) -> None:
+        """The control half's broker takes the same table, as [control.tls]."""
+        text = CONTROL.replace("rabbit://u:p@h/", "rabbit://u:p@h/?ssl=1").replace(
+            "[[control.links]]", "[control.tls]\n" + self.files(ca="/nonexistent") + "\n[[control.links]]"
+        )
+        self.assertIsNone(self.key_problem(text, "control.tls.ca_file"))
+        config = load(self.write(text.replace("/nonexistent", self.pki.ca)))
+        assert config.control is not None
+        self.assertEqual(config.control.broker.tls, TlsConfig(self.pki.ca, self.pki.cert("client"), self.pki.key("client")))

@@ -30,6 +30,8 @@ class CollectorTests(SynchronousTestCase):
         link.calls.answered("t")
         link.calls.begin("u", c.seconds() + 10, "up")
         self.addCleanup(link.forget_calls)
+        for _ in range(3):
+            broker.failures.failed("127.0.0.1:5671", "tls-untrusted", "the broker's certificate was not accepted")
         registry = CollectorRegistry()
         registry.register(MsgmuxCollector(lambda: [("control", link)], [broker]))
         text = generate_latest(registry).decode()
@@ -42,6 +44,7 @@ class CollectorTests(SynchronousTestCase):
             'msgmux_reply_latency_seconds_bucket{direction="down",half="control",le="0.025",link="tenant-a"} 1.0',
             'msgmux_reply_latency_seconds_bucket{direction="down",half="control",le="0.01",link="tenant-a"} 0.0',
             'msgmux_broker_connected{broker="control"} 0.0',
+            'msgmux_broker_connect_failures_total{broker="control",reason="tls-untrusted"} 3.0',
         ):
             self.assertIn(line, text)
 
@@ -54,3 +57,4 @@ class CollectorTests(SynchronousTestCase):
             document = f.read()
         for name, _, _ in COUNTERS.values():
             self.assertIn(name, document)
+        self.assertIn("msgmux_broker_connect_failures_total", document)

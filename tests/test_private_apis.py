@@ -11,8 +11,10 @@ import socket
 from typing import Any
 
 from twisted.internet import abstract, tcp, unix
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import CertificateOptions
 from twisted.internet.testing import MemoryReactor
+from twisted.protocols import tls
 from twisted.trial.unittest import SynchronousTestCase
 
 from msgmux._private_apis import RELIED_ON
@@ -27,6 +29,9 @@ def _instance(owner: type, sockets: list[socket.socket]) -> Any:
         return unix.Server(left, Protocol(), None, None, 0, MemoryReactor())
     if owner is abstract.FileDescriptor:
         return abstract.FileDescriptor(MemoryReactor())
+    if issubclass(owner, tls.TLSMemoryBIOProtocol):
+        factory = tls.TLSMemoryBIOFactory(CertificateOptions(), True, Factory.forProtocol(Protocol), MemoryReactor())
+        return owner(factory, Protocol())
     protocol, _ = broker_connection(heartbeat=30)  # txAMQP keeps heartbeat timers only with heartbeats on
     return protocol
 

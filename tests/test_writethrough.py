@@ -109,3 +109,60 @@ class WriterTests(SynchronousTestCase):
         self.writer.urgent(self.transport, [b"late"])
         self.assertEqual(received(self.peer), b"")
         self.assertEqual(self.transport._tempDataBuffer, [b"late"])
+
+
+class TlsWriterTests(SynchronousTestCase):
+    """Over TLS, an urgent write on a quiet connection is encrypted and sent at once, not on the next turn."""
+
+    def test_urgent_write_over_tls(self) -> None:
+        import os
+
+        from twisted.internet.protocol import Factory
+        from twisted.internet.ssl import PrivateCertificate
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        from lab.pki import make_pki
+        from msgmux.amqp.tls import TlsClient, TlsConfig
+
+        pki = make_pki(os.path.abspath(self.mktemp()))
+        reactor = MemoryReactorClock()
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        received: list[bytes] = []
+
+        class Receiver(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                received.append(data)
+
+        with open(pki.cert("server"), "rb") as c, open(pki.key("server"), "rb") as k:
+            server_options = PrivateCertificate.loadPEM(c.read() + k.read()).options()
+        client_tls = TLSMemoryBIOFactory(
+            TlsClient(TlsConfig(ca_file=pki.ca), "control").creator("localhost"), True, Factory.forProtocol(Protocol), clock=reactor
+        ).buildProtocol(None)
+        server_tls = TLSMemoryBIOFactory(server_options, False, Factory.forProtocol(Receiver), clock=reactor).buildProtocol(None)
+        ends = []
+        for sock, protocol in ((ours, client_tls), (theirs, server_tls)):
+            sock.setblocking(False)
+            transport = tcp.Connection(sock, protocol, reactor)
+            transport.connected = True
+            protocol.makeConnection(transport)
+            ends.append(transport)
+
+        def exchange() -> None:
+            for _ in range(10):
+                for end in ends:
+                    end.doWrite()
+                    end.doRead()
+
+        exchange()  # the handshake
+        self.assertEqual(received, [])
+        Writer(reactor).urgent(client_tls, [b"AMQP", b"-urgent"])
+        ends[1].doRead()  # nothing else runs: no reactor turn, no timed call
+        self.assertEqual(b"".join(received), b"AMQP-urgent")
+        Writer(reactor).lazy(client_tls, [b"-lazy"])
+        ends[1].doRead()
+        self.assertEqual(b"".join(received), b"AMQP-urgent")  # lazy writes wait for the turn
+        reactor.advance(0)
+        exchange()
+        self.assertEqual(b"".join(received), b"AMQP-urgent-lazy")

@@ -3,16 +3,17 @@
 A connection attempt that can be given up without upsetting ClientService.
 
 L{twisted.application.internet.ClientService} lets C{prepareConnection}
-reject a connection (msgmux logs in there: a refused login is a failed
-attempt, so backoff and failover apply), but it neither closes the rejected
-connection nor expects to hear of it again: when the connection goes
-afterwards, its state machine meets a disconnect in its waiting state and
-logs C{NoTransition} as a critical error, on every refused login.
+reject a connection (msgmux logs in there, TLS handshake included: a failed
+login is a failed attempt, so backoff and failover apply), but its state
+machine has no transition for a connection that goes while
+C{prepareConnection} runs or after it failed: every refused login or failed
+TLS handshake logged C{NoTransition} as a critical error.
 
 L{AttemptFactory} puts an L{Attempt} between the transport and the protocol
-ClientService built.  Closing an attempt with L{Attempt.abandon} ends the
-connection and tells only msgmux's own protocol, which is what a rejected
-connection needs.
+ClientService built.  Until the login succeeds (L{Attempt.accept}), the end
+of the connection is told only to msgmux's own protocol (whose login then
+fails, which is the failed attempt ClientService hears of);
+L{Attempt.abandon} closes a connection whose login failed.
 """
 
 from __future__ import annotations
@@ -29,13 +30,13 @@ __all__ = ["Attempt", "AttemptFactory"]
 class Attempt(Protocol):
     """
     Passes everything on to C{inner} (ClientService's protocol), except the
-    end of a connection that was abandoned: that goes to C{own} alone.
+    end of a connection that was never accepted: that goes to C{own} alone.
     """
 
     def __init__(self, inner: IProtocol, own: IProtocol) -> None:
         self.inner = inner
         self.own = own
-        self.abandoned = False
+        self.accepted = False
 
     def makeConnection(self, transport: Any) -> None:
         Protocol.makeConnection(self, transport)
@@ -45,11 +46,15 @@ class Attempt(Protocol):
         self.inner.dataReceived(data)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError("connection lost"))) -> None:
-        (self.own if self.abandoned else self.inner).connectionLost(reason)
+        (self.inner if self.accepted else self.own).connectionLost(reason)
+
+    def accept(self) -> None:
+        """The login succeeded: ClientService hears of this connection's end."""
+        self.accepted = True
 
     def abandon(self) -> None:
-        """End this connection; ClientService already counts it as a failed attempt."""
-        self.abandoned = True
+        """End this connection; ClientService counts it as a failed attempt."""
+        self.accepted = False
         if self.transport is not None:
             self.transport.abortConnection()
 

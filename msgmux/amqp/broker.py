@@ -11,19 +11,21 @@ and rebuild their topology on every new connection.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from msgmux.amqp.attempt import AttemptFactory
+from msgmux.amqp.attempts import ConnectFailures, classify
 from msgmux.amqp.protocol import BrokerDelegate, BrokerProtocol
+from msgmux.amqp.tls import TlsClient
 from msgmux.config import BrokerConfig, BrokerHost
 
 #: Seconds from TCP connect to a completed AMQP login.  A host that accepts
@@ -48,11 +50,27 @@ class FailoverEndpoint:
     Connects to one of several brokers: the same host again after a
     connection that worked, the next one after a failed attempt.
 
+    With C{tls}, every connection is TLS (Twisted's TLS over the same TCP
+    endpoint), checked against the host as written in the URL; the TLS
+    handshake is part of the attempt, so its failure moves on like a refused
+    login does.
+
     @ivar current: the host of the latest attempt.
+    @ivar attempt_failed: called with the host and the error when an attempt
+        fails before a connection is made.
     """
 
-    def __init__(self, reactor: Any, hosts: tuple[BrokerHost, ...], timeout: float = 10.0, own: Any = lambda: None) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        hosts: tuple[BrokerHost, ...],
+        timeout: float = 10.0,
+        tls: TlsClient | None = None,
+        own: Any = lambda: None,
+    ) -> None:
         """
+        @param tls: makes every connection TLS, checked against the host as
+            written in the URL.
         @param own: returns msgmux's protocol of the latest attempt (see
             L{msgmux.amqp.attempt}).
         """
@@ -60,9 +78,11 @@ class FailoverEndpoint:
         self._hosts = hosts
         self._index = 0
         self._timeout = timeout
+        self._tls = tls
         self._own = own
         self._attempt: AttemptFactory | None = None
         self.current = hosts[0]
+        self.attempt_failed: Callable[[BrokerHost, BaseException], None] | None = None
 
     def failed(self) -> None:
         """The attempt on L{current} failed: move on to the next host."""
@@ -70,12 +90,19 @@ class FailoverEndpoint:
 
     def connect(self, factory: Any) -> defer.Deferred[Any]:
         self.current = self._hosts[self._index]
-        endpoint = HostnameEndpoint(self._reactor, self.current.host, self.current.port, timeout=self._timeout)
+        endpoint: Any = HostnameEndpoint(self._reactor, self.current.host, self.current.port, timeout=self._timeout)
+        if self._tls is not None:
+            endpoint = wrapClientTLS(self._tls.creator(self.current.host), endpoint)
         self._attempt = attempts = AttemptFactory(factory, self._own)
         connecting: defer.Deferred[Any] = endpoint.connect(attempts)
         # ClientService gets its own protocol back, not the attempt around it.
         connecting.addCallbacks(lambda attempt: attempt.inner, self._attempt_failed)
         return connecting
+
+    def accept(self) -> None:
+        """The latest connection logged in: from now on ClientService hears when it goes."""
+        if self._attempt is not None and self._attempt.latest is not None:
+            self._attempt.latest.accept()
 
     def abandon(self) -> None:
         """Close the latest connection, which ClientService counts as a failed attempt (its login failed)."""
@@ -85,6 +112,8 @@ class FailoverEndpoint:
 
     def _attempt_failed(self, failure: Failure) -> Failure:
         self.failed()
+        if self.attempt_failed is not None:
+            self.attempt_failed(self.current, failure.value)
         return failure
 
     def __repr__(self) -> str:
@@ -117,6 +146,7 @@ class _BrokerFactory(Factory):
             username=host.username,
             password=host.password,
             connection_name=self._name,
+            login_method=self._config.login_method,
         )
         return self.latest
 
@@ -127,6 +157,8 @@ class BrokerService(Service):
 
     @ivar protocol: the current connection, or L{None}.
     @ivar display: C{host:port} of the current broker, for logs and status.
+    @ivar tls: the TLS client when the broker is reached over TLS.
+    @ivar failures: failed connection attempts, by reason.
     """
 
     _log = Logger()
@@ -141,7 +173,10 @@ class BrokerService(Service):
         self.name = name
         self.config = config
         self._clock = reactor
-        self._endpoint = FailoverEndpoint(reactor, config.hosts, own=lambda: self._factory.latest)
+        self.tls = TlsClient(config.tls, name) if config.tls is not None else None
+        self.failures = ConnectFailures(name)
+        self._endpoint = FailoverEndpoint(reactor, config.hosts, tls=self.tls, own=lambda: self._factory.latest)
+        self._endpoint.attempt_failed = self._connect_failed
         self._factory = _BrokerFactory(config, self._endpoint, reactor, f"msgmux {name}")
         self._service = ClientService(
             self._endpoint,
@@ -179,6 +214,15 @@ class BrokerService(Service):
         """@return: fires with a logged-in connection (see L{ClientService.whenConnected})."""
         return self._service.whenConnected(failAfterFailures=fail_after)
 
+    def reload_tls(self) -> None:
+        """Re-read the TLS certificate, key and CA files for new connections (SIGHUP)."""
+        if self.tls is not None:
+            self.tls.reload()
+
+    def _connect_failed(self, host: BrokerHost, error: BaseException) -> None:
+        reason, text = classify(error, self.tls, None, LOGIN_TIMEOUT)
+        self.failures.failed(f"{host.host}:{host.port}", reason, text)
+
     def _prepare(self, proxy: Any) -> defer.Deferred[None]:
         protocol = self._factory.latest
         assert protocol is not None, "prepareConnection before any connection was built"
@@ -191,27 +235,21 @@ class BrokerService(Service):
         try:
             await protocol.login()
         except Exception as e:
-            self._log.warn(
-                "Broker {broker} at {host}:{port}: {error}",
-                broker=self.name,
-                host=host.host,
-                port=host.port,
-                error=(
-                    f"no login within {LOGIN_TIMEOUT:.0f}s"
-                    if isinstance(e, defer.CancelledError)
-                    else f"refused the login: {_describe(e)}"
-                ),
-            )
+            reason, text = classify(e, self.tls, protocol.transport, LOGIN_TIMEOUT)
+            self.failures.failed(f"{host.host}:{host.port}", reason, text)
             self._endpoint.abandon()
             raise
+        self._endpoint.accept()
         self.protocol = protocol
         self.display = f"{host.host}:{host.port}"
+        self.failures.succeeded(self.display)
         self._log.info(
-            "Connected to {broker} broker at {host}:{port} (RabbitMQ {version})",
+            "Connected to {broker} broker at {host}:{port} (RabbitMQ {version}{tls})",
             broker=self.name,
             host=host.host,
             port=host.port,
             version=protocol.server_properties.get("version", "?"),
+            tls=_tls_summary(protocol.transport) if self.tls is not None else "",
         )
         protocol.disconnected.wait().addCallback(lambda _: self._lost(protocol))
         for observer in list(self._observers):
@@ -227,7 +265,8 @@ class BrokerService(Service):
             observer.broker_lost(reason)
 
 
-def _describe(error: BaseException) -> str:
-    """A one-line description of a txAMQP failure (its reasons nest)."""
-    text = str(error)
-    return text if len(text) < 300 else text[:300] + "..."
+def _tls_summary(transport: Any) -> str:
+    """@return: C{" over TLS (TLSv1.3)"} for a TLS transport."""
+    handle = getattr(transport, "getHandle", lambda: None)()
+    version = getattr(handle, "get_protocol_version_name", lambda: "?")()
+    return f" over TLS ({version})"

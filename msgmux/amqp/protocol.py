@@ -114,11 +114,18 @@ class BrokerProtocol(AMQClient):
         username: str,
         password: str,
         connection_name: str,
+        login_method: str = "PLAIN",
     ) -> None:
+        """
+        @param login_method: the SASL mechanism: C{PLAIN} or C{AMQPLAIN}
+            (user name and password), or C{EXTERNAL} (the broker takes the
+            identity from the TLS client certificate).
+        """
         super().__init__(delegate, vhost, load_spec(), heartbeat=heartbeat, clock=clock)
         self._username = username
         self._password = password
         self._connection_name = connection_name
+        self._login_method = login_method
         self._buffer = bytearray()
         self._incoming: dict[int, _Incoming] = {}
         self.fast_channels: dict[int, Channel] = {}
@@ -167,15 +174,24 @@ class BrokerProtocol(AMQClient):
                 "authentication_failure_close": True,
             },
         }
-        response = ("\0" + self._username + "\0" + self._password).encode("utf-8")
+        response = self._login_response()
         args = (
             wire.encode_table(properties)
-            + wire.encode_shortstr("PLAIN")
+            + wire.encode_shortstr(self._login_method)
             + len(response).to_bytes(4, "big")
             + response
             + wire.encode_shortstr("en_US")
         )
         self.transport.write(wire.frame(wire.FRAME_METHOD, 0, b"\x00\x0a\x00\x0b" + args))
+
+    def _login_response(self) -> bytes:
+        """The SASL response for the configured mechanism."""
+        if self._login_method == "EXTERNAL":
+            return b""  # the identity is the TLS client certificate's
+        if self._login_method == "AMQPLAIN":
+            # A field table without its length prefix (AMQP 0-9-1, 1.4.2.2.3).
+            return wire.encode_table({"LOGIN": self._username, "PASSWORD": self._password})[4:]
+        return ("\0" + self._username + "\0" + self._password).encode("utf-8")
 
     # --- incoming frames --------------------------------------------------
 

@@ -25,6 +25,7 @@ from lab.peer import OsloPeer
 from msgmux.cli import client_endpoint
 
 _lab: Lab | None = None
+_tls_lab: Lab | None = None
 _lab_lock = threading.Lock()
 
 
@@ -59,6 +60,50 @@ def _shared_lab() -> Lab:
         return _lab
 
 
+def _free_port() -> int:
+    """A loopback port free now, with its distribution port (+20000) free too."""
+    import random
+    import socket
+
+    for _ in range(100):
+        port = random.randrange(6000, 40000)
+        try:
+            for candidate in (port, port + 20000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", candidate))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair found")
+
+
+def _shared_tls_lab() -> Lab:
+    global _tls_lab
+    with _lab_lock:
+        if _tls_lab is None:
+            lab = Lab(
+                f"tls{os.getpid() % 100000}",
+                reactor,
+                tls=("control", "tenant"),
+                external=("tenant",),
+                control_port=_free_port(),
+            )
+            lab.up()
+            atexit.register(lab.down)
+            _tls_lab = lab
+        return _tls_lab
+
+
+def shared_tls_lab() -> defer.Deferred[Lab]:
+    """
+    The run's TLS lab, started on first use: both brokers are private
+    nodes that listen only for TLS (the control one on the host, on a free
+    port), with a PKI made for the run; the tenant side logs in with
+    EXTERNAL (its client certificate), the control side with PLAIN.
+    """
+    return threads.deferToThread(_shared_tls_lab)
+
+
 async def fetch_metrics(reactor: Any, endpoint: str) -> str:
     """The Prometheus text a running half serves on C{endpoint} (an endpoint description)."""
 
@@ -86,9 +131,14 @@ def control_config(
     extra: str = "",
     queues: str = "",
     link_heartbeat: float = 1.0,
+    broker: str | None = None,
+    url: str | None = None,
 ) -> str:
     """
     Write a control half config; C{routes} is the TOML body of the link.
+
+    @param broker: keys that reach the broker (TLS, login method) instead of
+        the lab's; @param url: a transport URL instead of the lab's.
 
     @param link_heartbeat: short by default, so that tests which stop a half
         see the session end quickly; a test that freezes a half on purpose
@@ -98,9 +148,10 @@ def control_config(
         f"{link}-control.toml",
         f"""
 [control]
-transport_url = "{lab.control_node.url(vhost)}"
+transport_url = "{url or lab.url("control", vhost)}"
 exchange = "openstack"
 link_heartbeat = {link_heartbeat}
+{lab.broker_options("control") if broker is None else broker}
 {extra}
 
 [control.queues]
@@ -123,10 +174,11 @@ def tenant_config(lab: Lab, vhost: str, socket: str, link: str, queues: str = ""
         f"{link}-tenant.toml",
         f"""
 [tenant]
-transport_url = "{lab.tenant_node.url(vhost)}"
+transport_url = "{lab.url("tenant", vhost)}"
 exchange = "openstack"
 socket = "{socket}"
 link = "{link}"
+{lab.broker_options("tenant")}
 {extra}
 
 [tenant.queues]
@@ -146,12 +198,14 @@ class LabTestCase(TestCase):
 
     timeout = 120
     skip = skip_reason()
+    #: Whether the test runs in the shared TLS lab instead of the plain one.
+    tls = False
 
     async def _set_up(self) -> None:
         missing = missing_prerequisite()
         if missing is not None:
             raise RuntimeError(missing)
-        self.lab = await shared_lab()
+        self.lab = await (shared_tls_lab() if self.tls else shared_lab())
         self.tag = uuid.uuid4().hex[:8]
         self.control_vhost, self.tenant_vhost = await threads.deferToThread(self.lab.vhosts, self.tag)
         self.addCleanup(threads.deferToThread, self.lab.drop_vhosts, self.control_vhost, self.tenant_vhost)
@@ -174,6 +228,8 @@ class LabTestCase(TestCase):
         wait: bool = True,
         link_heartbeat: float = 1.0,
         tenant_extra: str = "",
+        control_broker: str | None = None,
+        control_url: str | None = None,
     ) -> tuple[HalfProcess, HalfProcess]:
         """
         Start a control half and a tenant half for one link and wait until
@@ -181,7 +237,9 @@ class LabTestCase(TestCase):
         """
         socket = self.socket_path(link)
         control = self.lab.spawn_half(
-            control_config(self.lab, self.control_vhost, socket, f"{link}", routes, limits, extra, queues, link_heartbeat),
+            control_config(
+                self.lab, self.control_vhost, socket, f"{link}", routes, limits, extra, queues, link_heartbeat, control_broker, control_url
+            ),
             f"{link}-{self.tag}-control",
             in_tenant_network=False,
         )
