@@ -14,6 +14,7 @@ from twisted.internet import abstract, tcp, unix
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SynchronousTestCase
+from txamqp.protocol import AMQChannel
 
 from msgmux._private_apis import RELIED_ON
 from tests.doubles import broker_connection
@@ -27,6 +28,8 @@ def _instance(owner: type, sockets: list[socket.socket]) -> Any:
         return unix.Server(left, Protocol(), None, None, 0, MemoryReactor())
     if owner is abstract.FileDescriptor:
         return abstract.FileDescriptor(MemoryReactor())
+    if owner is AMQChannel:
+        return AMQChannel(1, None, None)
     protocol, _ = broker_connection(heartbeat=30)  # txAMQP keeps heartbeat timers only with heartbeats on
     return protocol
 

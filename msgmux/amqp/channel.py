@@ -17,6 +17,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from msgmux._private_apis import txamqp_channel_closed
 from msgmux.amqp import wire
 
 if TYPE_CHECKING:
@@ -202,6 +203,40 @@ class Channel:
         """Bind a queue to an exchange."""
         await self._tx.queue_bind(queue=queue, exchange=exchange, routing_key=routing_key, arguments={})
 
+    async def unbind_queue(self, queue: str, exchange: str, routing_key: str) -> None:
+        """
+        Remove a binding.  RabbitMQ answers unbind-ok for a binding, and
+        even a queue, that does not exist.
+        """
+        await self._tx.queue_unbind(queue=queue, exchange=exchange, routing_key=routing_key, arguments={})
+
+    async def queue_counts(self, name: str) -> tuple[int, int]:
+        """
+        Look at a queue without declaring it (a passive declare, which
+        RabbitMQ answers whatever the queue's arguments).
+
+        @return: its messages ready for delivery (not those delivered and
+            unacknowledged) and its consumers.
+        @raise Exception: when the queue does not exist (404 closes the channel).
+        """
+        reply = await self._tx.queue_declare(queue=name, passive=True)
+        return int(reply.message_count), int(reply.consumer_count)
+
+    async def delete_queue(self, name: str, if_unused: bool = False, if_empty: bool = False) -> int:
+        """
+        Delete a queue (RabbitMQ answers delete-ok for one that does not
+        exist).  A condition that does not hold closes the channel (406).
+        Never set C{if_unused} or C{if_empty} on a queue that may be a
+        quorum queue: RabbitMQ 3.10 answers them with 540 NOT_IMPLEMENTED,
+        which closes the whole connection.  The messages delivered and
+        unacknowledged are deleted with the queue, whatever C{if_empty}.
+
+        @return: how many messages went with it (RabbitMQ's count: those
+            ready for delivery).
+        """
+        reply = await self._tx.queue_delete(queue=name, if_unused=if_unused, if_empty=if_empty)
+        return int(reply.message_count)
+
     async def qos(self, prefetch: int) -> None:
         """Limit unacknowledged deliveries per consumer."""
         await self._tx.basic_qos(prefetch_size=0, prefetch_count=prefetch, global_=False)
@@ -256,6 +291,30 @@ class Channel:
             self.protocol.forget_channel(self.number)
             self._tx.close(ChannelLost("closed by msgmux"))
             self.lost(Failure(ChannelLost("closed by msgmux")))
+
+    async def close_after_failure(self) -> None:
+        """
+        Close the channel after something on it failed, and return once it
+        is gone.
+
+        When the broker closed it (a refused method closes the channel),
+        txAMQP fails the pending method first and tells the protocol, which
+        frees the channel number, only afterwards, in the same call: a
+        channel opened in between would get this number and then lose its
+        table entries.  So this waits for that.  Closing a channel the
+        broker closed fails too, and would only hide the first failure.
+        """
+        if not self.is_open:
+            return
+        if txamqp_channel_closed(self._tx):
+            gone: defer.Deferred[None] = defer.Deferred()
+            self.lost_observers.append(lambda reason: None if gone.called else gone.callback(None))
+            await gone
+            return
+        try:
+            await self.close()
+        except Exception:
+            pass
 
     # --- hot path -----------------------------------------------------------
 
