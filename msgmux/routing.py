@@ -212,7 +212,8 @@ def sources(
     notification topic, and the half's own reply queue.  The fanout queues
     (unless oslo's fanout stream replaces them), pools, reply and canary
     queues are msgmux's own (L{QueueSpec.owned}); the others are shared
-    with the oslo servers of their topics.
+    with the oslo servers of their topics.  With the fanout stream, the
+    fanout queue msgmux had before is listed as L{QueueSpec.retired}.
 
     @param link: the link name (queue names derive from it).
     @param rpc_rules: the RPC routes this half consumes.
@@ -242,16 +243,17 @@ def sources(
         if rule.fanout:
             unique = uuid.uuid5(_FANOUT_NAMESPACE, f"{link}/{rule.exchange}/{rule.topic}").hex
             fanout = topology.fanout_queue(rule.topic, unique)
+            address = RpcAddress(rule.exchange, rule.topic, None, True)
             # The stream is every server's; a fanout queue of its own is msgmux's.
-            fanout = attrs.evolve(fanout, owned=not topology.options.rabbit_stream_fanout)
-            found.append(
-                Source(
-                    fanout,
-                    (topology.fanout_exchange(rule.topic),),
-                    RpcAddress(rule.exchange, rule.topic, None, True),
-                    rpc_rule=rule,
+            stream = topology.options.rabbit_stream_fanout
+            fanout = attrs.evolve(fanout, owned=not stream)
+            found.append(Source(fanout, (topology.fanout_exchange(rule.topic),), address, rpc_rule=rule))
+            if stream:
+                # The queue of its own it had before the stream: relayed and deleted if still there.
+                retired = QueueSpec(
+                    f"{rule.topic}_fanout_{unique}", False, False, bindings=fanout.bindings, owned=True, retired=True
                 )
-            )
+                found.append(Source(retired, (), address, rpc_rule=rule))
     for rule in notification_rules:
         exchange = topology.topic_exchange(rule.exchange)
         pool = f"msgmux_{link}_{exchange.name}_{rule.topic}"

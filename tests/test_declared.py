@@ -146,6 +146,24 @@ class DeclaredTests(SynchronousTestCase):
         self.assertEqual(len(self.logged("could not set up the control broker channel")), 2)
         self.assertEqual(mover_for(self.service).moves, {})
 
+    def test_retired_queue(self) -> None:
+        """
+        A retired queue is not declared: consumed while it holds messages,
+        and neither consumed nor declared once it is gone.
+        """
+        retired = QueueSpec(FANOUT.name, False, False, bindings=FANOUT.bindings, owned=True, retired=True)
+        self.start([], [REPLY, retired])
+        self.broker.queue_counts[retired.name] = (2, 0)
+        self.go()
+        self.assertEqual({c.queue for c in self.broker.consumers.values()}, {REPLY.name, retired.name})
+        self.assertFalse([r for r in self.broker.methods("queue.declare") if r.fields["queue"] == retired.name and not r.fields["passive"]])
+        self.broker.refuse("queue.declare", 404, f"NOT_FOUND - no queue '{retired.name}' in vhost 'v'", queue=retired.name)
+        self.broker.close_channel(self.user.ready[0].number, 320, "CONNECTION_FORCED")
+        self.flush()
+        self.rebuild()
+        self.assertEqual(len(self.user.ready), 2)
+        self.assertEqual({c.queue for c in self.broker.consumers.values()}, {REPLY.name})
+
     def test_auto_delete_exchange_let_go(self) -> None:
         """
         A fanout exchange that only msgmux's fanout queue keeps is let go

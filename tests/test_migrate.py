@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from msgmux.amqp.channel import PublishRefused
 from msgmux.amqp.drain import POLL, QueueInUse
-from msgmux.amqp.migrate import HOLDING_SUFFIX, MoveNeeded, QueueMover, holding_queue
+from msgmux.amqp.migrate import HOLDING_SUFFIX, MoveNeeded, QueueMover, funnel, holding_queue
 from msgmux.oslo.topology import ExchangeSpec, QueueSpec
 from tests.doubles.amqp import NACK, Published, load_capture
 from tests.test_scripted_broker import Connected
@@ -35,12 +35,17 @@ REPLY = QueueSpec(name="reply_msgmux_tenant-a", durable=False, auto_delete=False
 HOLDING = FANOUT.name + HOLDING_SUFFIX
 
 
+Message = tuple[dict[str, Any], bytes, str]  # properties, body, routing key
+
+
 class Mover:
     """
     A logged-in client, a scripted broker and a L{QueueMover}, with the
-    test playing the queues: what the client publishes through the default
-    exchange waits in the queue it names, and whatever waits in a queue is
-    delivered as soon as it has a consumer (except what is held back).
+    test playing the queues: what the client publishes waits in the queue
+    it names (default exchange) or in the queues bound to the exchange it
+    names (a fanout, as the mover's funnels are), with its routing key;
+    whatever waits in a queue is delivered as soon as it has a consumer
+    (except what is held back).
     """
 
     def __init__(self, case: SynchronousTestCase, **options: Any) -> None:
@@ -50,11 +55,11 @@ class Mover:
         self.peer.login()
         self.broker = self.peer.broker
         self.mover = QueueMover("control")
-        self.waiting: dict[str, list[tuple[dict[str, Any], bytes]]] = {}
+        self.waiting: dict[str, list[Message]] = {}
         self.held: dict[str, int] = {}
         self._seen = 0
 
-    def fill(self, queue: str, messages: list[tuple[dict[str, Any], bytes]], held: int = 0) -> None:
+    def fill(self, queue: str, messages: list[Message], held: int = 0) -> None:
         """Put messages in a queue; the last C{held} are counted as ready but not delivered until L{release}."""
         self.waiting.setdefault(queue, []).extend(messages)
         self.held[queue] = held
@@ -93,13 +98,25 @@ class Mover:
                 return
             self.peer.clock.advance(POLL)
 
+    def bound(self, exchange: str) -> list[str]:
+        """The queues bound to C{exchange} now, from the client's binds and unbinds."""
+        queues: list[str] = []
+        for r in self.broker.received:
+            if r.method in ("queue.bind", "queue.unbind") and r.fields["exchange"] == exchange:
+                if r.method == "queue.bind" and r.fields["queue"] not in queues:
+                    queues.append(r.fields["queue"])
+                elif r.method == "queue.unbind" and r.fields["queue"] in queues:
+                    queues.remove(r.fields["queue"])
+        return queues
+
     def _route(self) -> bool:
         new = self.broker.published[self._seen :]
         self._seen = len(self.broker.published)
         for published in new:
-            if published.exchange == "":
-                self.waiting.setdefault(published.routing_key, []).append((published.properties, published.body))
-                self._count(published.routing_key)
+            targets = [published.routing_key] if published.exchange == "" else self.bound(published.exchange)
+            for queue in targets:
+                self.waiting.setdefault(queue, []).append((published.properties, published.body, published.routing_key))
+                self._count(queue)
         return bool(new)
 
     def _deliver(self) -> bool:
@@ -108,22 +125,23 @@ class Mover:
         for queue, messages in self.waiting.items():
             ready = len(messages) - self.held.get(queue, 0)
             if queue in consumed and ready > 0:
-                for properties, body in messages[:ready]:
-                    self.broker.deliver(queue, properties, body)
+                for properties, body, routing_key in messages[:ready]:
+                    self.broker.deliver(queue, properties, body, routing_key=routing_key)
                 del messages[:ready]
                 self._count(queue)
                 delivered = True
         return delivered
 
     def published_to(self, queue: str) -> list[Published]:
-        return [p for p in self.broker.published if (p.exchange, p.routing_key) == ("", queue)]
+        """What the mover published through C{queue}'s funnel exchange."""
+        return [p for p in self.broker.published if p.exchange == funnel(queue).name]
 
     def methods(self, since: int = 0) -> list[tuple[str, str]]:
-        """The queue and basic methods the client sent, with the queue each names."""
+        """The queue, exchange and basic methods the client sent, with the queue or exchange each names."""
         return [
-            (r.method + (" passive" if r.fields.get("passive") else ""), r.fields.get("queue", ""))
+            (r.method + (" passive" if r.fields.get("passive") else ""), r.fields.get("queue") or r.fields.get("exchange", ""))
             for r in self.broker.received[since:]
-            if r.method.split(".")[0] in ("queue", "basic") and r.method not in ("basic.ack", "basic.qos", "basic.reject")
+            if r.method.split(".")[0] in ("queue", "basic", "exchange") and r.method not in ("basic.ack", "basic.qos", "basic.reject")
         ]
 
 
@@ -144,7 +162,10 @@ def steps(methods: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return kept
 
 
-MESSAGES = [({"content_type": "application/json", "delivery_mode": 2, "headers": {"n": i}}, b'{"i": %d}' % i) for i in range(3)]
+MESSAGES: list[Message] = [
+    ({"content_type": "application/json", "delivery_mode": 2, "headers": {"n": i}}, b'{"i": %d}' % i, f"notifications.{p}")
+    for i, p in enumerate(("info", "error", "info"))
+]
 
 
 class MoveTests(SynchronousTestCase):
@@ -161,6 +182,7 @@ class MoveTests(SynchronousTestCase):
         m.fill(FANOUT.name, MESSAGES)
         since = len(m.broker.received)
         self.successResultOf(m.start(needed))
+        into_holding, into_queue = funnel(HOLDING).name, funnel(FANOUT.name).name
         self.assertEqual(
             steps(m.methods(since)),
             [
@@ -168,14 +190,27 @@ class MoveTests(SynchronousTestCase):
                 ("queue.declare", HOLDING),
                 ("queue.bind", HOLDING),
                 ("queue.unbind", FANOUT.name),
+                ("exchange.declare", into_holding),
+                ("queue.bind", HOLDING),
                 ("basic.consume", FANOUT.name),
                 ("queue.delete", FANOUT.name),
+                ("queue.unbind", HOLDING),
                 ("queue.declare", FANOUT.name),
                 ("queue.bind", FANOUT.name),
                 ("queue.unbind", HOLDING),
+                ("exchange.declare", into_queue),
+                ("queue.bind", FANOUT.name),
                 ("basic.consume", HOLDING),
                 ("queue.delete", HOLDING),
+                ("queue.unbind", FANOUT.name),
             ],
+        )
+        self.assertEqual(m.bound(into_holding) + m.bound(into_queue), [])
+        self.assertEqual(m.bound("l3_agent_fanout"), [FANOUT.name])
+        [funnel_declare] = [r for r in m.broker.methods("exchange.declare") if r.fields["exchange"] == into_queue]
+        self.assertEqual(
+            (funnel_declare.fields["type"], funnel_declare.fields["durable"], funnel_declare.fields["auto-delete"]),
+            ("fanout", False, True),
         )
         [holding_declare] = [r for r in m.broker.methods("queue.declare") if r.fields["queue"] == HOLDING and not r.fields["passive"]]
         self.assertEqual((holding_declare.fields["durable"], holding_declare.fields["arguments"]), (True, {"x-queue-type": "classic"}))
@@ -185,8 +220,8 @@ class MoveTests(SynchronousTestCase):
         self.assertEqual([(d.fields["if-empty"], d.fields["if-unused"]) for d in deletes], [(False, False)] * 2)
         for queue in (HOLDING, FANOUT.name):
             moved = m.published_to(queue)
-            self.assertEqual([(p.properties, p.body, p.mandatory) for p in moved], [(p, b, True) for p, b in MESSAGES])
-        self.assertEqual(m.waiting[FANOUT.name], [(p, b) for p, b in MESSAGES])
+            self.assertEqual([(p.properties, p.body, p.routing_key, p.mandatory) for p in moved], [m + (True,) for m in MESSAGES])
+        self.assertEqual(m.waiting[FANOUT.name], MESSAGES)  # routing keys (a notification's priority) kept
         self.assertEqual(sorted(s.delivery_tag for s in m.broker.settled if s.method == "ack"), [1, 2, 3, 4, 5, 6])
         self.assertEqual((m.mover.moves, m.mover.messages, m.mover.lost), ({FANOUT.name: 1}, {FANOUT.name: 3}, {}))
         self.assertEqual(m.broker.channels, {})  # the refused declaration closed its channel, the mover its own
@@ -203,7 +238,7 @@ class MoveTests(SynchronousTestCase):
         m.release(REPLY.name)
         self.successResultOf(moving)
         self.assertEqual([d.fields["queue"] for d in m.broker.methods("queue.delete")], [REPLY.name, REPLY.name + HOLDING_SUFFIX])
-        self.assertEqual(m.waiting[REPLY.name], [(p, b) for p, b in MESSAGES])
+        self.assertEqual(m.waiting[REPLY.name], MESSAGES)
         self.assertEqual(m.mover.messages, {REPLY.name: 3})
 
     def test_other_consumers_stop_it(self) -> None:
@@ -235,7 +270,7 @@ class MoveTests(SynchronousTestCase):
         """A message whose properties cannot be published again is rejected (as the relay would) and counted."""
         m = Mover(self)
         needed = m.needed(REPLY)
-        m.fill(REPLY.name, [({"delivery_mode": 7}, b"odd"), MESSAGES[0]])
+        m.fill(REPLY.name, [({"delivery_mode": 7}, b"odd", REPLY.name), MESSAGES[0]])
         self.successResultOf(m.start(needed))
         self.assertEqual([p.body for p in m.published_to(REPLY.name)], [MESSAGES[0][1]])
         self.assertEqual([(s.method, s.requeue) for s in m.broker.settled], [("reject", False), ("ack", False), ("ack", False)])
@@ -262,9 +297,16 @@ class MoveTests(SynchronousTestCase):
         self.successResultOf(m.start(needed))
         self.assertEqual(
             steps(m.methods(since)),
-            [("queue.declare", REPLY.name), ("basic.consume", holding), ("queue.delete", holding)],
+            [
+                ("queue.declare", REPLY.name),
+                ("exchange.declare", funnel(REPLY.name).name),
+                ("queue.bind", REPLY.name),
+                ("basic.consume", holding),
+                ("queue.delete", holding),
+                ("queue.unbind", REPLY.name),
+            ],
         )
-        self.assertEqual([p.body for p in m.published_to(REPLY.name)], [b for _, b in MESSAGES[:2]])
+        self.assertEqual([p.body for p in m.published_to(REPLY.name)], [b for _, b, _ in MESSAGES[:2]])
 
     def test_one_move_at_a_time(self) -> None:
         """A second move of the same queue waits for the first instead of running alongside it."""
@@ -318,6 +360,8 @@ class HoldingQueueTests(SynchronousTestCase):
     def test_name(self) -> None:
         """The holding queue is named after the queue, and stays within AMQP's 255 bytes."""
         self.assertEqual(holding_queue(REPLY).name, "reply_msgmux_tenant-a.msgmux-moving")
+        self.assertEqual(funnel(REPLY.name).name, "msgmux.move.reply_msgmux_tenant-a")
+        self.assertLessEqual(len(funnel("q" * 255).name), 255)
         long = QueueSpec(name="q" * 250, durable=False, auto_delete=False)
         other = QueueSpec(name="q" * 249 + "r", durable=False, auto_delete=False)
         self.assertLessEqual(len(holding_queue(long).name.encode()), 255)
@@ -362,3 +406,46 @@ class ReleaseExchangeTests(SynchronousTestCase):
             m.flush()
             self.assertIsNone(self.successResultOf(released))
         self.assertEqual(len(m.broker.received), 3)  # the login only
+
+
+RETIRED = QueueSpec("l3_agent_fanout_0123", False, False, bindings=(("l3_agent_fanout", "l3_agent"),), owned=True, retired=True)
+
+
+class RetireTests(SynchronousTestCase):
+    def retire(self, m: Mover) -> defer.Deferred[bool]:
+        retiring = defer.Deferred.fromCoroutine(m.mover.retire(m.peer.client, RETIRED))
+        m.flush()
+        return retiring
+
+    def test_absent(self) -> None:
+        """A retired queue that is not there is left at that, and not looked for again."""
+        m = Mover(self)
+        m.broker.refuse("queue.declare", 404, f"NOT_FOUND - no queue '{RETIRED.name}' in vhost 'v'", queue=RETIRED.name)
+        self.assertIs(self.successResultOf(self.retire(m)), False)
+        self.assertIs(self.successResultOf(self.retire(m)), False)
+        self.assertEqual(m.methods(), [("queue.declare passive", RETIRED.name)])
+
+    def test_with_messages(self) -> None:
+        """One that still holds messages is unbound (it takes nothing more) and left to be consumed."""
+        m = Mover(self)
+        m.fill(RETIRED.name, MESSAGES)
+        self.assertIs(self.successResultOf(self.retire(m)), True)
+        self.assertEqual(m.methods(), [("queue.declare passive", RETIRED.name), ("queue.unbind", RETIRED.name)])
+
+    def test_empty(self) -> None:
+        """Once empty and unused, it is deleted: unbound, nothing can reach it any more."""
+        m = Mover(self)
+        self.assertIs(self.successResultOf(self.retire(m)), False)
+        self.assertEqual(
+            m.methods(),
+            [("queue.declare passive", RETIRED.name), ("queue.unbind", RETIRED.name), ("queue.delete", RETIRED.name)],
+        )
+        self.assertIs(self.successResultOf(self.retire(m)), False)
+        self.assertEqual(len(m.methods()), 3)
+
+    def test_consumed_elsewhere(self) -> None:
+        """One another process still consumes is neither consumed here nor deleted."""
+        m = Mover(self)
+        m.broker.queue_counts[RETIRED.name] = (2, 1)
+        self.assertIs(self.successResultOf(self.retire(m)), False)
+        self.assertEqual(m.broker.methods("queue.delete"), [])

@@ -213,11 +213,20 @@ class SourcesTests(SynchronousTestCase):
         )
 
     def test_stream_is_shared(self) -> None:
-        """With rabbit_stream_fanout the fanout source is oslo's shared stream, not msgmux's."""
+        """
+        With rabbit_stream_fanout the fanout source is oslo's shared stream,
+        not msgmux's; the fanout queue of msgmux's own from before is
+        listed as retired, with its binding and address, to be relayed and
+        deleted.
+        """
         options = QueueOptions(rabbit_transient_quorum_queue=True, rabbit_stream_fanout=True)
         found = sources("tenant-a", DOWN, (), OsloTopology(options, "openstack"))
-        [stream] = [s for s in found if isinstance(s.address, RpcAddress) and s.address.fanout]
-        self.assertEqual((stream.queue.name, stream.queue.owned), ("l3_agent_fanout", False))
+        stream, retired = [s for s in found if isinstance(s.address, RpcAddress) and s.address.fanout]
+        self.assertEqual((stream.queue.name, stream.queue.owned, stream.queue.retired), ("l3_agent_fanout", False, False))
+        self.assertEqual((retired.queue.name, retired.queue.owned, retired.queue.retired), (self.fanout_name("tenant-a"), True, True))
+        self.assertEqual(retired.queue.bindings, (("l3_agent_fanout", "l3_agent"),))
+        self.assertEqual((retired.address, retired.exchanges), (stream.address, ()))
+        self.assertFalse(any(s.queue.retired for s in self.found))
 
     def test_exact_set(self) -> None:
         """Nothing else is consumed."""

@@ -14,7 +14,9 @@ A declaration that differs from what the broker holds is handled by whom
 it concerns.  msgmux's own queues (L{QueueSpec.owned}) are moved to their
 new arguments (L{msgmux.amqp.migrate}) and the build goes on at once; an
 auto-delete exchange that only msgmux's queues keep is let go and declared
-anew.  What msgmux shares with oslo services only the operator can change,
+anew; a queue msgmux's options no longer use (L{QueueSpec.retired}) is
+consumed while it holds messages and deleted once empty.  What msgmux
+shares with oslo services only the operator can change,
 together with those services: the build fails with the operator's advice
 (L{msgmux.amqp.mismatch.advice}: the queue or exchange, the property, the
 oslo options behind it, what to do).
@@ -225,7 +227,12 @@ class DeclaredChannel:
                         if mismatch is None:
                             raise
                         raise _ExchangeRefused(exchange, mismatch) from None
+            unused: set[str] = set()
             for queue in queues:
+                if queue.retired:
+                    if not await mover.retire(protocol, queue):
+                        unused.add(queue.name)
+                    continue
                 if queue.owned:
                     await mover.declare(channel, queue)
                     continue
@@ -242,7 +249,7 @@ class DeclaredChannel:
             channel.lost_observers.append(lambda reason: self._lost(channel, reason))
             channel.cancel_observers.append(lambda tag: self._consumer_cancelled(channel, tag))
             self.channel = channel
-            consumers = self.plan.consumers(channel)
+            consumers = [consumer for consumer in self.plan.consumers(channel) if consumer.queue not in unused]
             for consumer in consumers:
                 await channel.consume(consumer.queue, consumer.tag, consumer.deliver, consumer.arguments)
         except BaseException:

@@ -3,9 +3,9 @@
 Moving every message of one queue into another, then deleting the first.
 
 L{drain} consumes the source queue and publishes each message as it was
-delivered (properties and body) to the target, through the default
-exchange, mandatory, with publisher confirms; a delivery is acknowledged
-once its copy is confirmed.  Until the source is deleted, a failure leaves
+delivered (properties, body and routing key, which tells a notification's
+priority) to an exchange that routes to the target only, mandatory, with
+publisher confirms; a delivery is acknowledged once its copy is confirmed.  Until the source is deleted, a failure leaves
 every message in the source or the target (the few in flight in both:
 duplicates, not loss), because the broker requeues what was not
 acknowledged when the channel closes.
@@ -78,10 +78,10 @@ class DrainResult:
 class _Mover:
     """The consumer of the source: publishes each delivery to the target, acknowledges it once confirmed."""
 
-    def __init__(self, channel: Channel, tag: str, target: str) -> None:
+    def __init__(self, channel: Channel, tag: str, via: str) -> None:
         self.channel = channel
         self.tag = tag
-        self.target = target
+        self.via = via
         self.moved = 0
         self.unreadable = 0
         self.lost = 0
@@ -98,7 +98,7 @@ class _Mover:
             self._unreadable(delivery)
             return
         try:
-            confirmed = self.channel.publish("", self.target, delivery.properties, delivery.body, mandatory=True)
+            confirmed = self.channel.publish(self.via, delivery.routing_key, delivery.properties, delivery.body, mandatory=True)
         except Unpublishable:
             self._unreadable(delivery)
             return
@@ -142,17 +142,20 @@ class _Mover:
             raise self.error
 
 
-async def drain(channel: Channel, source: str, target: str, clock: IReactorTime) -> DrainResult:
+async def drain(channel: Channel, source: str, via: str, clock: IReactorTime) -> DrainResult:
     """
-    Move everything in C{source} to C{target} and delete C{source}.
+    Move everything in C{source} to the target queue and delete C{source}.
 
     @param channel: a channel in confirm mode with a prefetch, used by
         nothing else meanwhile.
+    @param via: an exchange that routes every message to the target and
+        nowhere else, whatever its routing key (a fanout exchange bound to
+        it alone).
     @raise QueueInUse: when the source has another consumer.
     @raise Exception: when the broker refuses something; what was not moved
         is still in the source.
     """
-    mover = _Mover(channel, f"msgmux-move-{source}"[:255], target)
+    mover = _Mover(channel, f"msgmux-move-{source}"[:255], via)
     channel.cancel_observers.append(mover.consumer_cancelled)
     await channel.consume(source, mover.tag, mover.delivered)
     while True:

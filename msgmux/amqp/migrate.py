@@ -15,7 +15,9 @@ durable):
  1. the holding queue gets the queue's bindings, then the queue loses them
     (a message published in between reaches both: a duplicate, not a loss);
  2. the queue is drained into the holding queue and deleted
-    (L{msgmux.amqp.drain});
+    (L{msgmux.amqp.drain}), through a fanout exchange of the move's own
+    (C{msgmux.move.<target>}, bound to the target alone) so that each
+    message keeps its routing key;
  3. the queue is declared with the new arguments and its bindings, and the
     holding queue loses its bindings;
  4. the holding queue is drained into the queue and deleted.
@@ -45,6 +47,7 @@ import weakref
 from typing import Iterable
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from msgmux.amqp.broker import BrokerService
@@ -54,7 +57,16 @@ from msgmux.amqp.mismatch import Inequivalent, broker_refusal, inequivalent
 from msgmux.amqp.protocol import BrokerProtocol
 from msgmux.oslo.topology import ExchangeSpec, QueueSpec
 
-__all__ = ["HOLDING_SUFFIX", "MoveNeeded", "QueueInUse", "QueueMover", "declare_queue", "holding_queue", "mover_for"]
+__all__ = [
+    "HOLDING_SUFFIX",
+    "MoveNeeded",
+    "QueueInUse",
+    "QueueMover",
+    "declare_queue",
+    "funnel",
+    "holding_queue",
+    "mover_for",
+]
 
 HOLDING_SUFFIX = ".msgmux-moving"
 _MAX_NAME = 255  # AMQP short string
@@ -67,16 +79,34 @@ async def declare_queue(channel: Channel, queue: QueueSpec) -> None:
         await channel.bind_queue(queue.name, exchange, routing_key)
 
 
+def _bounded(name: str, suffix: str, prefix: str = "") -> str:
+    """C{prefix + name + suffix}, shortened with a digest of C{name} to fit an AMQP short string."""
+    full = prefix + name + suffix
+    if len(full.encode()) <= _MAX_NAME:
+        return full
+    digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+    room = _MAX_NAME - len(prefix.encode()) - len(suffix.encode()) - 17
+    return prefix + name.encode()[:room].decode(errors="ignore") + "." + digest + suffix
+
+
+def funnel(target: str) -> ExchangeSpec:
+    """
+    @return: the exchange a move publishes through to reach C{target}: a
+        fanout exchange bound to the target alone, so that a message keeps
+        its routing key (the default exchange would replace it with the
+        queue's name, and a notification's routing key is its priority).
+        Auto-delete: it goes with the binding at the end of the move.
+    """
+    return ExchangeSpec(_bounded(target, "", "msgmux.move."), "fanout", False, True)
+
+
 def holding_queue(queue: QueueSpec) -> QueueSpec:
     """
     @return: where C{queue}'s messages wait while it is replaced: classic
         (never a quorum queue, whose deletion cannot be conditional),
         durable (persistent messages survive a broker restart), unbound.
     """
-    name = queue.name + HOLDING_SUFFIX
-    if len(name.encode()) > _MAX_NAME:
-        digest = hashlib.sha256(queue.name.encode()).hexdigest()[:16]
-        name = queue.name.encode()[: _MAX_NAME - len(HOLDING_SUFFIX) - 17].decode(errors="ignore") + "." + digest + HOLDING_SUFFIX
+    name = _bounded(queue.name, HOLDING_SUFFIX)
     return QueueSpec(name=name, durable=True, auto_delete=False, arguments=(("x-queue-type", "classic"),))
 
 
@@ -125,6 +155,7 @@ class QueueMover:
         self.lost: dict[str, int] = {}
         self.unreadable: dict[str, int] = {}
         self._moving: dict[str, list[defer.Deferred[None]]] = {}
+        self._retired_gone: set[str] = set()
 
     async def declare(self, channel: Channel, queue: QueueSpec) -> None:
         """
@@ -202,7 +233,7 @@ class QueueMover:
                     await channel.bind_queue(holding.name, exchange, routing_key)
                 for exchange, routing_key in queue.bindings:
                     await channel.unbind_queue(queue.name, exchange, routing_key)
-                first = await drain(channel, queue.name, holding.name, protocol.clock)
+                first = await self._drain(channel, queue.name, holding.name, protocol.clock)
             else:
                 self._log.info(
                     "Finishing the move of queue {queue} on the {broker} broker: messages wait in {holding}",
@@ -213,7 +244,7 @@ class QueueMover:
             await declare_queue(channel, queue)
             for exchange, routing_key in queue.bindings:
                 await channel.unbind_queue(holding.name, exchange, routing_key)
-            second = await drain(channel, holding.name, queue.name, protocol.clock)
+            second = await self._drain(channel, holding.name, queue.name, protocol.clock)
         except BaseException:
             await channel.close_after_failure()
             raise
@@ -230,6 +261,15 @@ class QueueMover:
             lost=first.lost + second.lost,
             unreadable=first.unreadable + second.unreadable,
         )
+
+    async def _drain(self, channel: Channel, source: str, target: str, clock: IReactorTime) -> DrainResult:
+        """Drain C{source} into C{target} through the target's funnel exchange, which goes afterwards."""
+        via = funnel(target)
+        await channel.declare_exchange(via.name, via.kind, via.durable, via.auto_delete)
+        await channel.bind_queue(target, via.name, "")
+        result = await drain(channel, source, via.name, clock)
+        await channel.unbind_queue(target, via.name, "")
+        return result
 
     def _count(self, queue: str, moved: int, lost: int, unreadable: int) -> None:
         self.moves[queue] = self.moves.get(queue, 0) + 1
@@ -281,6 +321,56 @@ class QueueMover:
         self._log.info(
             "Exchange {exchange} on the {broker} broker had other properties and no queue but msgmux's: declared anew",
             exchange=exchange.name,
+            broker=self.broker,
+        )
+        return True
+
+
+    async def retire(self, protocol: BrokerProtocol, queue: QueueSpec) -> bool:
+        """
+        Deal with a queue msgmux's options no longer use
+        (L{QueueSpec.retired}): unbind it, so that it takes nothing more, and
+        delete it once it is empty and unused (nothing can reach it then).
+
+        @return: whether it still holds messages for the caller to consume
+            and relay (it is deleted on a later call, once they are gone).
+        """
+        if queue.name in self._retired_gone:
+            return False
+        channel = await protocol.open_channel()
+        try:
+            ready, consumers = await channel.queue_counts(queue.name)
+        except Exception as e:
+            refusal = broker_refusal(e)
+            await channel.close_after_failure()
+            if refusal is not None and refusal[0] == 404:
+                self._retired_gone.add(queue.name)
+                return False
+            raise
+        try:
+            for exchange, routing_key in queue.bindings:
+                await channel.unbind_queue(queue.name, exchange, routing_key)
+            if ready == 0 and consumers == 0:
+                await channel.delete_queue(queue.name)
+                self._retired_gone.add(queue.name)
+        except BaseException:
+            await channel.close_after_failure()
+            raise
+        await channel.close()
+        if queue.name in self._retired_gone:
+            self._log.info(
+                "Deleted queue {queue} on the {broker} broker: the queue options no longer use it, and it was empty",
+                queue=queue.name,
+                broker=self.broker,
+            )
+            return False
+        if consumers:
+            return False  # another process (on the old options) still relays it
+        self._log.info(
+            "Relaying the {ready} messages left in queue {queue} on the {broker} broker, which the queue options no"
+            " longer use; it is deleted once empty",
+            ready=ready,
+            queue=queue.name,
             broker=self.broker,
         )
         return True

@@ -45,6 +45,9 @@ class QueueSpec:
         (L{msgmux.amqp.migrate}).  Queues oslo services share with msgmux
         are not: only the operator can change those, together with the
         services.
+    @ivar retired: a queue of msgmux's own that its current options no
+        longer use (the fanout queue, after a change to the fanout stream):
+        not declared; what it still holds is relayed, then it is deleted.
     """
 
     name: str
@@ -54,6 +57,7 @@ class QueueSpec:
     bindings: tuple[tuple[str, str], ...] = ()
     consume_arguments: tuple[tuple[str, Any], ...] = ()
     owned: bool = False
+    retired: bool = False
 
 
 def _pairs(mapping: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
