@@ -27,6 +27,7 @@ __all__ = [
     "LinkRoutes",
     "Source",
     "destination",
+    "own_queue_names",
     "publish_topology",
     "reply_queue",
     "sources",
@@ -262,6 +263,21 @@ def sources(
     found.append(Source(reply_queue(link, topology), (), ReplyAddress()))
     found.append(Source(canary_queue(link), (), CanaryAddress()))
     return found
+
+
+def own_queue_names(
+    link: str,
+    rpc_rules: tuple[RpcRule, ...],
+    notification_rules: tuple[NotificationRule, ...],
+    topology: OsloTopology,
+) -> list[str]:
+    """
+    @return: the names of the queues of msgmux's own that one half consumes
+        (L{sources}), for operators: these hold what msgmux moves itself
+        when the queue options change, and must not be deleted by hand.
+    """
+    found = sources(link, rpc_rules, notification_rules, topology)
+    return [source.queue.name for source in found if source.queue.owned and not source.queue.retired]
 
 
 def publish_topology(
