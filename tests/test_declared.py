@@ -23,6 +23,7 @@ from msgmux.amqp.declared import REBUILD_DELAY, Consumer, DeclaredChannel
 from msgmux.amqp.migrate import mover_for
 from msgmux.config import BrokerConfig, QueueOptions, parse_transport_url
 from msgmux.oslo.topology import ExchangeSpec, OsloTopology, QueueSpec
+from msgmux.reply_queues import ReplyQueueDeclarer
 from msgmux.routing import reply_queue
 from tests.doubles.amqp import ScriptedBroker, ScriptedBrokerFactory, connect_pending
 
@@ -63,7 +64,9 @@ class User:
         self.lost.append(channel)
 
 
-class DeclaredTests(SynchronousTestCase):
+class OverScriptedBroker(SynchronousTestCase):
+    """A broker service connected to a scripted broker on a memory reactor, with the log kept."""
+
     def start(self, exchanges: list[ExchangeSpec], queues: list[QueueSpec]) -> None:
         """Connect a broker service to a scripted broker and start a declared channel on it; refusals set by C{refuse}."""
         self.events: list[LogEvent] = []
@@ -100,6 +103,9 @@ class DeclaredTests(SynchronousTestCase):
     def logged(self, text: str) -> list[str]:
         messages = [formatEvent(event) for event in self.events]
         return [message for message in messages if text in message]
+
+
+class DeclaredTests(OverScriptedBroker):
 
     def test_own_queue_moved_within_the_build(self) -> None:
         """
@@ -189,3 +195,30 @@ class DeclaredTests(SynchronousTestCase):
         self.assertIn("msgmux has unbound its own queues", logged)
         binds: list[Any] = self.broker.methods("queue.bind")
         self.assertEqual([(b.fields["queue"], b.fields["exchange"]) for b in binds], [(FANOUT.name, FANOUT_EXCHANGE.name)])
+
+
+class ReplyQueueDeclarerTests(OverScriptedBroker):
+    """L{ReplyQueueDeclarer} declares through the broker's mover too."""
+
+    def test_moved_on_connection(self) -> None:
+        """
+        A reply queue with an older TTL is moved as soon as the broker
+        connection is up, without a session; one that cannot be moved (in
+        use elsewhere) does not keep another link's reply queue undeclared.
+        """
+        self.start([], [])
+        other = reply_queue("tenant-b", TOPOLOGY)
+        self.broker.refuse("queue.declare", 406, TTL.format(name=REPLY.name), queue=REPLY.name)
+        self.broker.refuse("queue.declare", 406, TTL.format(name=other.name), queue=other.name)
+        self.broker.queue_counts[other.name] = (0, 1)  # another process consumes it
+        declarer = ReplyQueueDeclarer(self.service, TOPOLOGY, lambda: ["tenant-a", "tenant-b"])
+        declarer.start()
+        self.flush()
+        self.assertEqual(mover_for(self.service).moves, {REPLY.name: 1})
+        [failed] = self.logged("Could not declare the reply queue")
+        self.assertIn("reply_msgmux_tenant-b", failed)
+        self.assertIn("1 other consumer(s)", failed)
+        declared = [r.fields["queue"] for r in self.broker.methods("queue.declare") if not r.fields["passive"]]
+        self.assertEqual(declared.count(REPLY.name), 3)  # refused, declared by the move, declared again
+        self.assertEqual(self.broker.channels, {})  # every channel it opened is closed
+        declarer.stop()
