@@ -71,12 +71,13 @@ class ReplyQueueDeclarer:
         try:
             for name in names:
                 queue = reply_queue(name, self.topology)
-                if channel is None or not channel.is_open:
+                if channel is None:
                     channel = await protocol.open_channel()
                 try:
                     try:
                         await mover.declare(channel, queue)
                     except MoveNeeded as needed:
+                        await channel.close_after_failure()  # gone already, unless a move of it runs here
                         await mover.move(protocol, needed)
                         channel = await protocol.open_channel()
                         await mover.declare(channel, queue)
@@ -84,6 +85,8 @@ class ReplyQueueDeclarer:
                     # One link's queue must not keep the others undeclared;
                     # the session's channel retries it and reports in detail.
                     self._failed(Failure(e), queue.name)
+                    await channel.close_after_failure()
+                    channel = None
         finally:
             if channel is not None:
                 await channel.close_after_failure()
