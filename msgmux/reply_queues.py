@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.integration.test_rpc -*-
+# -*- test-case-name: tests.test_declared,tests.integration.test_rpc -*-
 """
 Reply queues that exist whether or not a link session is up.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_amqp_protocol -*-
+# -*- test-case-name: tests.test_amqp_protocol,tests.test_migrate -*-
 """
 One AMQP channel as msgmux uses it.
 
