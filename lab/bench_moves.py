@@ -46,7 +46,9 @@ async def connect(reactor: Any) -> BrokerProtocol:
 
 async def fill(channel: Channel, queue: str, count: int) -> None:
     for start in range(0, count, 1000):
-        await defer.gatherResults([channel.publish("", queue, {"delivery_mode": 2}, BODY) for _ in range(min(1000, count - start))])
+        await defer.gatherResults(
+            [channel.publish("", queue, {"delivery_mode": 2}, BODY) for _ in range(min(1000, count - start))]
+        )
 
 
 async def needed(broker: BrokerProtocol, mover: QueueMover, new: QueueSpec) -> MoveNeeded:
@@ -126,7 +128,9 @@ async def main(reactor: Any, count: int) -> None:
         for to_quorum in (False, True):
             elapsed, kept = await timed_move(broker, f"bench.move.{to_quorum}", count, to_quorum)
             target = "quorum" if to_quorum else "classic"
-            rows.append((f"move {count} x 1 KiB, classic to {target}", f"{elapsed:.2f} s", f"{kept} kept, {kept / elapsed:.0f} msg/s"))
+            rows.append(
+                (f"move {count} x 1 KiB, classic to {target}", f"{elapsed:.2f} s", f"{kept} kept, {kept / elapsed:.0f} msg/s")
+            )
         alone, checked = await check_cost(broker, 500)
         rows.append(("declare an own queue", f"{alone:.0f} us", f"{checked:.0f} us with the unfinished-move check"))
         sent, returned, elapsed = await returned_during_move(reactor, broker, 500)

@@ -90,12 +90,12 @@ def describe(config: Config) -> str:
             else:
                 tenant_topology = OsloTopology(QueueOptions(), control.broker.exchange)
                 assumed = f" (if its exchange is {control.broker.exchange!r} too)" if link.notifications_up else ""
-            for broker, rules, notes, topology, note in (
+            for broker, rpc_rules, notification_rules, topology, caveat in (
                 ("control", link.down, link.notifications_down, control_topology, ""),
                 ("tenant", link.up, link.notifications_up, tenant_topology, assumed),
             ):
-                names = ", ".join(own_queue_names(link.name, rules, notes, topology))
-                lines.append(f"    msgmux's own queues on the {broker} broker{note}: {names}")
+                names = ", ".join(own_queue_names(link.name, rpc_rules, notification_rules, topology))
+                lines.append(f"    msgmux's own queues on the {broker} broker{caveat}: {names}")
             limits = link.limits
             lines.append(
                 f"    limits: {limits.max_message_size} bytes, {limits.max_rate:g} msg/s (burst {limits.burst}),"

@@ -34,8 +34,13 @@ FANOUT = QueueSpec(
     "l3_agent_fanout_0123", False, False, (("x-expires", 3600000),), ((FANOUT_EXCHANGE.name, "l3_agent"),), owned=True
 )
 SHARED = TOPOLOGY.topic_queue("l3_agent")
-TTL = "PRECONDITION_FAILED - inequivalent arg 'x-expires' for queue '{name}' in vhost 'v': received '3600000' but current is '1800000'"
-DURABLE = "PRECONDITION_FAILED - inequivalent arg 'durable' for {kind} '{name}' in vhost 'v': received '{new}' but current is '{old}'"
+TTL = (
+    "PRECONDITION_FAILED - inequivalent arg 'x-expires' for queue '{name}' in vhost 'v':"
+    " received '3600000' but current is '1800000'"
+)
+DURABLE = (
+    "PRECONDITION_FAILED - inequivalent arg 'durable' for {kind} '{name}' in vhost 'v': received '{new}' but current is '{old}'"
+)
 
 
 class Plan:
@@ -106,7 +111,6 @@ class OverScriptedBroker(SynchronousTestCase):
 
 
 class DeclaredTests(OverScriptedBroker):
-
     def test_own_queue_moved_within_the_build(self) -> None:
         """
         A reply queue with an older TTL is moved and the channel comes up in
@@ -162,7 +166,9 @@ class DeclaredTests(OverScriptedBroker):
         self.broker.queue_counts[retired.name] = (2, 0)
         self.go()
         self.assertEqual({c.queue for c in self.broker.consumers.values()}, {REPLY.name, retired.name})
-        self.assertFalse([r for r in self.broker.methods("queue.declare") if r.fields["queue"] == retired.name and not r.fields["passive"]])
+        self.assertFalse(
+            [r for r in self.broker.methods("queue.declare") if r.fields["queue"] == retired.name and not r.fields["passive"]]
+        )
         self.broker.refuse("queue.declare", 404, f"NOT_FOUND - no queue '{retired.name}' in vhost 'v'", queue=retired.name)
         self.broker.close_channel(self.user.ready[0].number, 320, "CONNECTION_FORCED")
         self.flush()
@@ -176,10 +182,14 @@ class DeclaredTests(OverScriptedBroker):
         (its queue unbound) and declared anew; the build goes on.
         """
         self.start([FANOUT_EXCHANGE], [FANOUT])
-        self.broker.refuse("exchange.declare", 406, DURABLE.format(kind="exchange", name=FANOUT_EXCHANGE.name, new="false", old="true"))
+        self.broker.refuse(
+            "exchange.declare", 406, DURABLE.format(kind="exchange", name=FANOUT_EXCHANGE.name, new="false", old="true")
+        )
         self.go()
         self.assertEqual(len(self.user.ready), 1)
-        self.assertEqual([r.fields["queue"] for r in self.broker.methods("queue.unbind")], [FANOUT.name, FANOUT.name + ".msgmux-moving"])
+        self.assertEqual(
+            [r.fields["queue"] for r in self.broker.methods("queue.unbind")], [FANOUT.name, FANOUT.name + ".msgmux-moving"]
+        )
         self.assertEqual(len(self.logged("Exchange l3_agent_fanout on the control broker had other properties")), 1)
         self.assertEqual(self.logged("could not set up"), [])
 

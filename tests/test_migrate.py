@@ -21,7 +21,10 @@ from msgmux.oslo.topology import ExchangeSpec, QueueSpec
 from tests.doubles.amqp import NACK, Published, load_capture
 from tests.test_scripted_broker import Connected
 
-OLD_TTL = "PRECONDITION_FAILED - inequivalent arg 'x-expires' for queue '{name}' in vhost 'v': received '3600000' but current is '1800000'"
+OLD_TTL = (
+    "PRECONDITION_FAILED - inequivalent arg 'x-expires' for queue '{name}' in vhost 'v':"
+    " received '3600000' but current is '1800000'"
+)
 
 FANOUT = QueueSpec(
     name="l3_agent_fanout_0123",
@@ -141,7 +144,8 @@ class Mover:
         return [
             (r.method + (" passive" if r.fields.get("passive") else ""), r.fields.get("queue") or r.fields.get("exchange", ""))
             for r in self.broker.received[since:]
-            if r.method.split(".")[0] in ("queue", "basic", "exchange") and r.method not in ("basic.ack", "basic.qos", "basic.reject")
+            if r.method.split(".")[0] in ("queue", "basic", "exchange")
+            and r.method not in ("basic.ack", "basic.qos", "basic.reject")
         ]
 
 
@@ -212,10 +216,16 @@ class MoveTests(SynchronousTestCase):
             (funnel_declare.fields["type"], funnel_declare.fields["durable"], funnel_declare.fields["auto-delete"]),
             ("fanout", False, True),
         )
-        [holding_declare] = [r for r in m.broker.methods("queue.declare") if r.fields["queue"] == HOLDING and not r.fields["passive"]]
-        self.assertEqual((holding_declare.fields["durable"], holding_declare.fields["arguments"]), (True, {"x-queue-type": "classic"}))
+        [holding_declare] = [
+            r for r in m.broker.methods("queue.declare") if r.fields["queue"] == HOLDING and not r.fields["passive"]
+        ]
+        self.assertEqual(
+            (holding_declare.fields["durable"], holding_declare.fields["arguments"]), (True, {"x-queue-type": "classic"})
+        )
         new = [r for r in m.broker.methods("queue.declare") if r.fields["queue"] == FANOUT.name and not r.fields["passive"]][-1]
-        self.assertEqual((new.fields["durable"], new.fields["arguments"]), (True, {"x-expires": 3600000, "x-queue-type": "quorum"}))
+        self.assertEqual(
+            (new.fields["durable"], new.fields["arguments"]), (True, {"x-expires": 3600000, "x-queue-type": "quorum"})
+        )
         deletes = m.broker.methods("queue.delete")
         self.assertEqual([(d.fields["if-empty"], d.fields["if-unused"]) for d in deletes], [(False, False)] * 2)
         for queue in (HOLDING, FANOUT.name):

@@ -206,7 +206,7 @@ class DeclaredChannel:
                 released = None if exchange.name in handled else await mover.release_exchange(protocol, exchange, queues)
                 if not released:
                     held = released is False
-                    raise DeclarationRefused(advice(refused.mismatch, exchange, self.broker.name, held=held)) from None
+                    raise DeclarationRefused(advice(refused.mismatch, exchange, str(self.broker.name), held=held)) from None
                 handled.add(exchange.name)
 
     async def _build_once(
@@ -242,7 +242,7 @@ class DeclaredChannel:
                     mismatch = inequivalent(e)
                     if mismatch is None:
                         raise
-                    raise DeclarationRefused(advice(mismatch, queue, self.broker.name)) from None
+                    raise DeclarationRefused(advice(mismatch, queue, str(self.broker.name))) from None
             if not self._wanted:
                 await channel.close()
                 return

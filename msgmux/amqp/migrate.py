@@ -325,7 +325,6 @@ class QueueMover:
         )
         return True
 
-
     async def retire(self, protocol: BrokerProtocol, queue: QueueSpec) -> bool:
         """
         Deal with a queue msgmux's options no longer use
@@ -388,5 +387,5 @@ def mover_for(broker: BrokerService) -> QueueMover:
     """
     mover = _movers.get(broker)
     if mover is None:
-        mover = _movers[broker] = QueueMover(broker.name)
+        mover = _movers[broker] = QueueMover(str(broker.name))
     return mover

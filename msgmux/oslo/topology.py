@@ -175,7 +175,7 @@ class OsloTopology:
 # What sets each property RabbitMQ compares when a queue or exchange is
 # declared again, for the declarations oslo services share with msgmux
 # (topic, server and notification queues, the fanout stream, exchanges).
-_TOPIC_QUEUE_OPTIONS = {
+_TOPIC_QUEUE_OPTIONS: dict[str, tuple[str, ...]] = {
     "durable": ("amqp_durable_queues", "rabbit_quorum_queue"),
     "auto_delete": ("amqp_auto_delete",),
     "x-queue-type": ("rabbit_quorum_queue",),
@@ -185,16 +185,16 @@ _TOPIC_QUEUE_OPTIONS = {
     "x-max-in-memory-bytes": ("rabbit_quorum_max_memory_bytes",),
     "x-expires": ("rabbit_transient_queues_ttl",),
 }
-_STREAM_OPTIONS = {
+_STREAM_OPTIONS: dict[str, tuple[str, ...]] = {
     "durable": ("rabbit_stream_fanout",),
     "x-queue-type": ("rabbit_stream_fanout",),
     "x-max-age": ("rabbit_transient_queues_ttl",),
 }
-_EXCHANGE_OPTIONS = {
+_EXCHANGE_OPTIONS: dict[str, tuple[str, ...]] = {
     "durable": ("amqp_durable_queues", "rabbit_quorum_queue"),
     "auto_delete": ("amqp_auto_delete",),
 }
-_FANOUT_EXCHANGE_OPTIONS = {"durable": ("rabbit_transient_quorum_queue", "rabbit_stream_fanout")}
+_FANOUT_EXCHANGE_OPTIONS: dict[str, tuple[str, ...]] = {"durable": ("rabbit_transient_quorum_queue", "rabbit_stream_fanout")}
 
 
 def shaping_options(argument: str, declared: QueueSpec | ExchangeSpec) -> tuple[str, ...]:

@@ -86,7 +86,9 @@ class QueueMoveTests(LabTestCase):
         for half, broker in ((control_half, "control"), (tenant_half, "tenant")):
             self.assertIn(f"Moved queue {REPLY} on the {broker} broker to its new arguments: 1 messages kept", half.log())
             self.assertNotIn("could not set up", half.log())
-        self.assertRegex(control_half.log(), r"Moved queue l3_agent_fanout_\w+ on the control broker to its new arguments: 1 messages kept")
+        self.assertRegex(
+            control_half.log(), r"Moved queue l3_agent_fanout_\w+ on the control broker to its new arguments: 1 messages kept"
+        )
         self.assertNotIn(f"Moving queue {POOL}", tenant_half.log())  # a pool has no TTL: it stays as it is
         text = await fetch_metrics(self.lab.reactor, self.metrics)
         self.assertIn(f'msgmux_queue_moved_messages_total{{broker="control",queue="{REPLY}"}} 1.0', text)
@@ -220,7 +222,9 @@ class QueueMoveTests(LabTestCase):
                 listed = await threads.deferToThread(queues, node, vhost)
                 counts = {name: queue["messages"] for name, queue in listed.items()}
                 fanout = [count for name, count in counts.items() if name.startswith("l3_agent_fanout_")]
-                seen[broker] = {name: fanout[0] if name == "fanout" and fanout else counts.get(name, 0) for name in expected[broker]}
+                seen[broker] = {
+                    name: fanout[0] if name == "fanout" and fanout else counts.get(name, 0) for name in expected[broker]
+                }
             if seen == expected:
                 return
             await settle(self.lab.reactor, 0.5)
