@@ -85,7 +85,7 @@ class Broker:
         await defer.gatherResults(pending)
 
     async def count(self, queue: str) -> int:
-        tx = self.channel._tx
+        tx = self.channel.txamqp_channel
         declared = await tx.queue_declare(queue=queue, passive=True)
         return int(declared.message_count)
 

@@ -18,7 +18,10 @@ directions while three connections run:
     (basic.nack), basic.cancel, a consumer whose queue is deleted
     (server-sent basic.cancel), channel.close/close-ok from the client,
     heartbeats, an inequivalent queue.declare and an unknown delivery tag
-    (channel.close 406 from the server), connection.close/close-ok;
+    (channel.close 406 from the server); then what moving a queue uses: a
+    passive queue.declare, queue.unbind, queue.delete refused (406, not
+    empty), a passive declare of a missing queue (404), an exchange declared
+    again as durable (406), a queue.delete; connection.close/close-ok;
  1. a login with a wrong password (connection.close 403);
  2. a connection closed by C{rabbitmqctl close_all_connections}
     (connection.close 320).
@@ -185,7 +188,7 @@ async def _main_session(reactor: Any, port: int, vhost: str) -> None:
     channel.cancel_observers.append(cancelled.callback)
     await channel.consume(doomed, "capture.doomed-ctag", deliveries.put)
     other = await broker.open_channel()
-    await other._tx.queue_delete(queue=doomed)
+    await other.txamqp_channel.queue_delete(queue=doomed)
     await cancelled
     await other.close()
 
@@ -204,10 +207,47 @@ async def _main_session(reactor: Any, port: int, vhost: str) -> None:
     stray.ack(99)
     await _lost(stray)
 
+    await _moving_steps(broker)
+
     channel0 = await broker.channel(0)
     await channel0.connection_close(reply_code=200, reply_text="capture done", class_id=0, method_id=0)
     broker.transport.loseConnection()
     await broker.disconnected.wait()
+
+
+async def _moving_steps(broker: BrokerProtocol) -> None:
+    """
+    What moving a queue to new arguments uses (L{msgmux.amqp.migrate}): a
+    passive declare that counts a waiting message, unbind, a delete refused
+    because the queue is not empty (406), a passive declare of a queue that
+    does not exist (404), an exchange declared again as durable (406), a
+    delete that takes a message with it.
+    """
+    channel = await broker.open_channel()
+    await channel.select_confirms()
+    await channel.publish("", QUEUE, {"content_type": "text/plain"}, b"waiting")
+    await channel.queue_counts(QUEUE)
+    await channel.unbind_queue(QUEUE, EXCHANGE, "capture.key")
+    try:
+        await channel.delete_queue(QUEUE, if_empty=True)
+    except Exception:
+        pass
+    await _lost(channel)
+    missing = await broker.open_channel()
+    try:
+        await missing.queue_counts("capture.missing")
+    except Exception:
+        pass
+    await _lost(missing)
+    exchange = await broker.open_channel()
+    try:
+        await exchange.declare_exchange(EXCHANGE, "topic", durable=True, auto_delete=False)
+    except Exception:
+        pass
+    await _lost(exchange)
+    last = await broker.open_channel()
+    await last.delete_queue(QUEUE)
+    await last.close()
 
 
 async def _refused_login(reactor: Any, port: int, vhost: str) -> None:

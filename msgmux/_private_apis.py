@@ -22,9 +22,17 @@ from typing import Any
 import attrs
 from twisted.internet import abstract, tcp, unix
 from twisted.protocols import tls
-from txamqp.protocol import AMQClient
+from txamqp.protocol import AMQChannel, AMQClient
 
-__all__ = ["RELIED_ON", "Reliance", "flush_tls_writes", "forget_txamqp_channel", "txamqp_channel_numbers", "unpack_txamqp_frame"]
+__all__ = [
+    "RELIED_ON",
+    "Reliance",
+    "flush_tls_writes",
+    "forget_txamqp_channel",
+    "txamqp_channel_closed",
+    "txamqp_channel_numbers",
+    "unpack_txamqp_frame",
+]
 
 
 @attrs.frozen
@@ -53,6 +61,12 @@ RELIED_ON: tuple[Reliance, ...] = (
     Reliance(AMQClient, "checkHB", True, "the heartbeat check timer, re-armed by BrokerProtocol.check_heartbeat"),
     Reliance(AMQClient, "check_heartbeat", False, "overridden: judge silence by bytes received, not by frames txAMQP saw"),
     Reliance(AMQClient, "reschedule_check_heartbeat", False, "overridden to do nothing (most frames never reach txAMQP)"),
+    Reliance(
+        AMQChannel,
+        "closed",
+        True,
+        "has the broker closed the channel? then Channel.close_after_failure leaves it to BrokerProtocol.channel_failed",
+    ),
     Reliance(abstract.FileDescriptor, "_tempDataBuffer", True, "write-through: is anything queued?"),
     Reliance(abstract.FileDescriptor, "dataBuffer", False, "write-through: is anything queued?"),
     Reliance(abstract.FileDescriptor, "offset", False, "write-through: is anything queued?"),
@@ -88,6 +102,15 @@ def flush_tls_writes(transport: tls.TLSMemoryBIOProtocol) -> None:
         aggregator.flush()
 
 
-def forget_txamqp_channel(protocol: AMQClient, number: int) -> None:
-    """Drop txAMQP's object for a channel that is closed (or never opened)."""
-    protocol.channels.pop(number, None)
+def forget_txamqp_channel(protocol: AMQClient, channel: AMQChannel) -> None:
+    """
+    Drop txAMQP's object for a channel that is closed (or never opened),
+    unless its number already belongs to a newer channel.
+    """
+    if protocol.channels.get(channel.id) is channel:
+        del protocol.channels[channel.id]
+
+
+def txamqp_channel_closed(channel: AMQChannel) -> bool:
+    """@return: whether txAMQP considers the channel closed (by the broker or by us)."""
+    return bool(channel.closed)

@@ -31,8 +31,10 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, U
 from twisted.web.client import Agent, readBody
 
 from msgmux import linkcli
-from msgmux.config import Config, ConfigError, load
+from msgmux.config import Config, ConfigError, QueueOptions, load
 from msgmux.oslo.tokens import key_id
+from msgmux.oslo.topology import OsloTopology
+from msgmux.routing import own_queue_names
 
 __all__ = ["main"]
 
@@ -94,6 +96,20 @@ def describe(config: Config) -> str:
                     f"    tenant half run by msgmux: namespace {tenant.namespace}, user {tenant.user}:{tenant.group},"
                     f" broker {hosts} vhost {tenant.broker.virtual_host!r}"
                 )
+            # A tenant half that is not supervised has its broker's options in its own file;
+            # only a pool's name depends on them (its exchange).
+            control_topology = OsloTopology(control.broker.queues, control.broker.exchange)
+            if link.tenant is not None:
+                tenant_topology, assumed = OsloTopology(link.tenant.broker.queues, link.tenant.broker.exchange), ""
+            else:
+                tenant_topology = OsloTopology(QueueOptions(), control.broker.exchange)
+                assumed = f" (if its exchange is {control.broker.exchange!r} too)" if link.notifications_up else ""
+            for broker, rpc_rules, notification_rules, topology, caveat in (
+                ("control", link.down, link.notifications_down, control_topology, ""),
+                ("tenant", link.up, link.notifications_up, tenant_topology, assumed),
+            ):
+                names = ", ".join(own_queue_names(link.name, rpc_rules, notification_rules, topology))
+                lines.append(f"    msgmux's own queues on the {broker} broker{caveat}: {names}")
             limits = link.limits
             lines.append(
                 f"    limits: {limits.max_message_size} bytes, {limits.max_rate:g} msg/s (burst {limits.burst}),"

@@ -26,10 +26,11 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from msgmux.amqp.broker import BrokerService
+from msgmux.amqp.migrate import mover_for
 from msgmux.calls import LATENCY_BUCKETS, CallTracker
 from msgmux.stats import LinkStats
 
-__all__ = ["COUNTERS", "MetricsSite", "MsgmuxCollector", "Monitored"]
+__all__ = ["COUNTERS", "MOVE_COUNTERS", "MetricsSite", "MsgmuxCollector", "Monitored"]
 
 #: LinkStats counter -> (metric name, help, label names besides "link").
 COUNTERS: dict[str, tuple[str, str, tuple[str, ...]]] = {
@@ -73,6 +74,15 @@ COUNTERS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "Canaries back that were no newer than one already back (redelivered or replayed); ignored.",
         (),
     ),
+}
+
+
+#: QueueMover count -> (metric name, help); labelled by broker and queue.
+MOVE_COUNTERS: dict[str, tuple[str, str]] = {
+    "moves": ("msgmux_queue_moves_total", "msgmux's own queues moved to new arguments (queue options changed)."),
+    "messages": ("msgmux_queue_moved_messages_total", "Messages kept by those moves."),
+    "lost": ("msgmux_queue_move_lost_total", "Messages a move could not keep (deleted with the old queue)."),
+    "unreadable": ("msgmux_queue_move_unreadable_total", "Messages dropped by a move because msgmux could not read them."),
 }
 
 
@@ -164,6 +174,13 @@ class MsgmuxCollector:
         yield connected
         yield blocked
         yield failures
+        moves = {name: CounterMetricFamily(metric, text, labels=("broker", "queue")) for name, (metric, text) in MOVE_COUNTERS.items()}
+        for broker in self.brokers:
+            mover = mover_for(broker)
+            for name, family in moves.items():
+                for queue, value in getattr(mover, name).items():
+                    family.add_metric([broker.name, queue], value)
+        yield from moves.values()
         for extra in self.extras:
             yield from extra.collect()
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.integration.test_rpc -*-
+# -*- test-case-name: tests.test_declared,tests.integration.test_rpc -*-
 """
 Reply queues that exist whether or not a link session is up.
 
@@ -10,7 +10,10 @@ server then retries its reply for 60 seconds and afterwards drops every
 reply to that queue for another minute (C{ObsoleteReplyQueuesCache}), so one
 broker restart at the wrong moment would cost a link all its replies for a
 while.  L{ReplyQueueDeclarer} declares the reply queues of its half's links
-each time the broker connection comes up, independently of the sessions.
+each time the broker connection comes up, independently of the sessions,
+and moves a reply queue whose arguments changed (L{msgmux.amqp.migrate}):
+until it is moved, servers still reach the old one, so nothing waits for a
+session to start.
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from msgmux.amqp.broker import BrokerService
-from msgmux.amqp.declared import declare_queue
+from msgmux.amqp.channel import Channel
+from msgmux.amqp.migrate import MoveNeeded, mover_for
 from msgmux.amqp.protocol import BrokerProtocol
 from msgmux.oslo.topology import OsloTopology
-from msgmux.routing import reply_queue_name
+from msgmux.routing import reply_queue
 
 __all__ = ["ReplyQueueDeclarer"]
 
@@ -62,18 +66,35 @@ class ReplyQueueDeclarer:
         names = self.links()
         if not names:
             return
-        channel = await protocol.open_channel()
+        mover = mover_for(self.broker)
+        channel: Channel | None = None
         try:
             for name in names:
-                await declare_queue(channel, self.topology.reply_queue(reply_queue_name(name)))
+                queue = reply_queue(name, self.topology)
+                if channel is None:
+                    channel = await protocol.open_channel()
+                try:
+                    try:
+                        await mover.declare(channel, queue)
+                    except MoveNeeded as needed:
+                        await channel.close_after_failure()  # gone already, unless a move of it runs here
+                        await mover.move(protocol, needed)
+                        channel = await protocol.open_channel()
+                        await mover.declare(channel, queue)
+                except Exception as e:
+                    # One link's queue must not keep the others undeclared;
+                    # the session's channel retries it and reports in detail.
+                    self._failed(Failure(e), queue.name)
+                    await channel.close_after_failure()
+                    channel = None
         finally:
-            await channel.close()
+            if channel is not None:
+                await channel.close_after_failure()
 
-    def _failed(self, failure: Failure) -> None:
-        # The session's own declarations report mismatches in detail; this
-        # is the fallback, so a warning is enough.
+    def _failed(self, failure: Failure, queue: str = "") -> None:
         self._log.warn(
-            "Could not declare the reply queues on the {broker} broker: {error}",
+            "Could not declare the reply queue {queue} on the {broker} broker: {error}",
+            queue=queue or "(all)",
             broker=self.broker.name,
             error=failure.getErrorMessage(),
         )

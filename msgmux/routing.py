@@ -21,7 +21,17 @@ from msgmux.config import LinkConfig, NotificationRule, RpcRule
 from msgmux.message import Address, CanaryAddress, NotificationAddress, ReplyAddress, RpcAddress
 from msgmux.oslo.topology import ExchangeSpec, OsloTopology, QueueSpec
 
-__all__ = ["Destination", "Destinations", "LinkRoutes", "Source", "destination", "publish_topology", "sources"]
+__all__ = [
+    "Destination",
+    "Destinations",
+    "LinkRoutes",
+    "Source",
+    "destination",
+    "own_queue_names",
+    "publish_topology",
+    "reply_queue",
+    "sources",
+]
 
 # Fixed so that a restarted half finds the fanout queue it used before.
 _FANOUT_NAMESPACE = uuid.UUID("0b5c1f4e-7a3d-4b8e-9a51-6d2f0c8e4a17")
@@ -38,7 +48,11 @@ def canary_queue(link: str) -> QueueSpec:
     that forgets stale canaries (one minute) and itself when unused.
     """
     return QueueSpec(
-        name=canary_queue_name(link), durable=False, auto_delete=False, arguments=(("x-expires", 600000), ("x-message-ttl", 60000))
+        name=canary_queue_name(link),
+        durable=False,
+        auto_delete=False,
+        arguments=(("x-expires", 600000), ("x-message-ttl", 60000)),
+        owned=True,
     )
 
 
@@ -48,6 +62,14 @@ def reply_queue_name(link: str) -> str:
         calls relayed over C{link}.
     """
     return f"reply_msgmux_{link}"
+
+
+def reply_queue(link: str, topology: OsloTopology) -> QueueSpec:
+    """
+    The reply queue of C{link} on one broker: declared as oslo declares a
+    caller's reply queue, and msgmux's own.
+    """
+    return attrs.evolve(topology.reply_queue(reply_queue_name(link)), owned=True)
 
 
 @attrs.frozen
@@ -188,7 +210,11 @@ def sources(
     """
     Everything one half consumes on its broker: the RPC queues an oslo
     server of each routed topic would consume, a listener pool per routed
-    notification topic, and the half's own reply queue.
+    notification topic, and the half's own reply queue.  The fanout queues
+    (unless oslo's fanout stream replaces them), pools, reply and canary
+    queues are msgmux's own (L{QueueSpec.owned}); the others are shared
+    with the oslo servers of their topics.  With the fanout stream, the
+    fanout queue msgmux had before is listed as L{QueueSpec.retired}.
 
     @param link: the link name (queue names derive from it).
     @param rpc_rules: the RPC routes this half consumes.
@@ -217,22 +243,41 @@ def sources(
             )
         if rule.fanout:
             unique = uuid.uuid5(_FANOUT_NAMESPACE, f"{link}/{rule.exchange}/{rule.topic}").hex
-            found.append(
-                Source(
-                    topology.fanout_queue(rule.topic, unique),
-                    (topology.fanout_exchange(rule.topic),),
-                    RpcAddress(rule.exchange, rule.topic, None, True),
-                    rpc_rule=rule,
+            fanout = topology.fanout_queue(rule.topic, unique)
+            address = RpcAddress(rule.exchange, rule.topic, None, True)
+            # The stream is every server's; a fanout queue of its own is msgmux's.
+            stream = topology.options.rabbit_stream_fanout
+            fanout = attrs.evolve(fanout, owned=not stream)
+            found.append(Source(fanout, (topology.fanout_exchange(rule.topic),), address, rpc_rule=rule))
+            if stream:
+                # The queue of its own it had before the stream: relayed and deleted if still there.
+                retired = QueueSpec(
+                    f"{rule.topic}_fanout_{unique}", False, False, bindings=fanout.bindings, owned=True, retired=True
                 )
-            )
+                found.append(Source(retired, (), address, rpc_rule=rule))
     for rule in notification_rules:
         exchange = topology.topic_exchange(rule.exchange)
         pool = f"msgmux_{link}_{exchange.name}_{rule.topic}"
         keys = tuple(f"{rule.topic}.{priority}" for priority in rule.priorities)
-        found.append(Source(topology.pool_queue(pool, exchange.name, keys), (exchange,), None, rule))
-    found.append(Source(topology.reply_queue(reply_queue_name(link)), (), ReplyAddress()))
+        found.append(Source(attrs.evolve(topology.pool_queue(pool, exchange.name, keys), owned=True), (exchange,), None, rule))
+    found.append(Source(reply_queue(link, topology), (), ReplyAddress()))
     found.append(Source(canary_queue(link), (), CanaryAddress()))
     return found
+
+
+def own_queue_names(
+    link: str,
+    rpc_rules: tuple[RpcRule, ...],
+    notification_rules: tuple[NotificationRule, ...],
+    topology: OsloTopology,
+) -> list[str]:
+    """
+    @return: the names of the queues of msgmux's own that one half consumes
+        (L{sources}), for operators: these hold what msgmux moves itself
+        when the queue options change, and must not be deleted by hand.
+    """
+    found = sources(link, rpc_rules, notification_rules, topology)
+    return [source.queue.name for source in found if source.queue.owned and not source.queue.retired]
 
 
 def publish_topology(

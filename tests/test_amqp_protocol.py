@@ -15,7 +15,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from txamqp.protocol import AMQChannel
 
 from msgmux.amqp import wire
 from msgmux.amqp.channel import Channel, ChannelLost, PublishRefused, PublishReturned
@@ -233,7 +235,7 @@ class ConfirmTests(SynchronousTestCase):
         channel._confirming = True
         failures: list[Any] = []
         channel.publish("x", "y", {}, b"").addErrback(failures.append)
-        protocol.connectionLost(__import__("twisted.python.failure", fromlist=["Failure"]).Failure(ConnectionError("gone")))
+        protocol.connectionLost(Failure(ConnectionError("gone")))
         self.assertTrue(failures[0].check(ChannelLost))
         self.assertFalse(channel.is_open)
 
@@ -264,6 +266,51 @@ class ConfirmTests(SynchronousTestCase):
             wire.frame(1, 1, method) + wire.frame(2, 1, header) + wire.frame(3, 1, b"hi")
         )
         self.assertEqual(returned, [(312, "NO_ROUTE", "", "reply_x", {}, b"hi")])
+
+
+class ChannelTableTests(SynchronousTestCase):
+    """
+    A channel number is used again as soon as it is free, so the protocol's
+    tables forget a channel only while they still hold that very channel.
+    """
+
+    def reuse_number(self) -> tuple[BrokerProtocol, Channel, Channel]:
+        """Channel 1 closed by msgmux, and a new channel 1 opened since."""
+        protocol, _, _ = make_protocol()
+        del protocol.fast_channels[1]
+        old = Channel(protocol, AMQChannel(1, protocol.outgoing, protocol))
+        protocol.channels[1] = old.txamqp_channel
+        protocol.fast_channels[1] = old
+        protocol.forget_channel(old)
+        new = Channel(protocol, AMQChannel(1, protocol.outgoing, protocol))
+        protocol.channels[1] = new.txamqp_channel
+        protocol.fast_channels[1] = new
+        return protocol, old, new
+
+    def assert_registered(self, protocol: BrokerProtocol, channel: Channel) -> None:
+        self.assertIs(protocol.fast_channels[1], channel)
+        self.assertIs(protocol.channels[1], channel.txamqp_channel)
+        self.assertTrue(channel.is_open)
+
+    def test_late_failure_of_a_forgotten_channel(self) -> None:
+        """The broker's close of the old channel, reported late, leaves the new one registered."""
+        protocol, old, new = self.reuse_number()
+        protocol.channel_failed(old.txamqp_channel, Failure(ChannelLost("closed by the broker")))
+        self.assert_registered(protocol, new)
+
+    def test_forgetting_twice(self) -> None:
+        """Forgetting the old channel again leaves the new one registered."""
+        protocol, old, new = self.reuse_number()
+        protocol.forget_channel(old)
+        self.assert_registered(protocol, new)
+
+    def test_failure_of_the_registered_channel(self) -> None:
+        """The broker's close of the channel that holds the number frees the number."""
+        protocol, _, new = self.reuse_number()
+        protocol.channel_failed(new.txamqp_channel, Failure(ChannelLost("closed by the broker")))
+        self.assertNotIn(1, protocol.fast_channels)
+        self.assertNotIn(1, protocol.channels)
+        self.assertFalse(new.is_open)
 
 
 class HandshakeTests(SynchronousTestCase):

@@ -37,6 +37,15 @@ class CheckConfigTests(SynchronousTestCase):
         check_config(os.path.join(EXAMPLES, "control.toml"), out)
         self.assertIn("link tenant-a: socket /run/msgmux/tenant-a.sock", out.getvalue())
         self.assertIn("up    rpc q-reports-state", out.getvalue())
+        self.assertIn(
+            "    msgmux's own queues on the tenant broker (if its exchange is 'neutron' too):"
+            " msgmux_tenant-a_neutron_notifications, reply_msgmux_tenant-a, msgmux_canary_tenant-a\n",
+            out.getvalue(),
+        )
+        self.assertRegex(
+            out.getvalue(),
+            r"msgmux's own queues on the control broker: l3_agent_fanout_[0-9a-f]{32}, .*reply_msgmux_tenant-a, msgmux_canary_tenant-a",
+        )
 
     def test_error(self) -> None:
         """A bad file gives exit status 1, nothing on standard output, and the file, key and problem on standard error."""

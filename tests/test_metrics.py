@@ -7,7 +7,8 @@ from prometheus_client.exposition import generate_latest
 from twisted.trial.unittest import SynchronousTestCase
 
 from msgmux.control import ControlLink
-from msgmux.metrics import COUNTERS, MsgmuxCollector
+from msgmux.amqp.migrate import mover_for
+from msgmux.metrics import COUNTERS, MOVE_COUNTERS, MsgmuxCollector
 from msgmux.oslo.tokens import TokenSigner
 from tests.doubles import clock, control_config, idle_broker, one_link
 
@@ -32,6 +33,7 @@ class CollectorTests(SynchronousTestCase):
         self.addCleanup(link.forget_calls)
         for _ in range(3):
             broker.failures.failed("127.0.0.1:5671", "tls-untrusted", "the broker's certificate was not accepted")
+        mover_for(broker)._count("reply_msgmux_tenant-a", 5, 0, 1)
         registry = CollectorRegistry()
         registry.register(MsgmuxCollector(lambda: [("control", link)], [broker]))
         text = generate_latest(registry).decode()
@@ -45,8 +47,12 @@ class CollectorTests(SynchronousTestCase):
             'msgmux_reply_latency_seconds_bucket{direction="down",half="control",le="0.01",link="tenant-a"} 0.0',
             'msgmux_broker_connected{broker="control"} 0.0',
             'msgmux_broker_connect_failures_total{broker="control",reason="tls-untrusted"} 3.0',
+            'msgmux_queue_moves_total{broker="control",queue="reply_msgmux_tenant-a"} 1.0',
+            'msgmux_queue_moved_messages_total{broker="control",queue="reply_msgmux_tenant-a"} 5.0',
+            'msgmux_queue_move_unreadable_total{broker="control",queue="reply_msgmux_tenant-a"} 1.0',
         ):
             self.assertIn(line, text)
+        self.assertNotIn("msgmux_queue_move_lost_total{", text)
 
     def test_every_counter_is_documented(self) -> None:
         """docs/metrics.md names every metric the collector exports."""
@@ -58,3 +64,5 @@ class CollectorTests(SynchronousTestCase):
         for name, _, _ in COUNTERS.values():
             self.assertIn(name, document)
         self.assertIn("msgmux_broker_connect_failures_total", document)
+        for name, _ in MOVE_COUNTERS.values():
+            self.assertIn(name, document)

@@ -16,6 +16,7 @@ from twisted.internet.ssl import CertificateOptions
 from twisted.internet.testing import MemoryReactor
 from twisted.protocols import tls
 from twisted.trial.unittest import SynchronousTestCase
+from txamqp.protocol import AMQChannel
 
 from msgmux._private_apis import RELIED_ON
 from tests.doubles import broker_connection
@@ -32,6 +33,8 @@ def _instance(owner: type, sockets: list[socket.socket]) -> Any:
     if issubclass(owner, tls.TLSMemoryBIOProtocol):
         factory = tls.TLSMemoryBIOFactory(CertificateOptions(), True, Factory.forProtocol(Protocol), MemoryReactor())
         return owner(factory, Protocol())
+    if owner is AMQChannel:
+        return AMQChannel(1, None, None)
     protocol, _ = broker_connection(heartbeat=30)  # txAMQP keeps heartbeat timers only with heartbeats on
     return protocol
 

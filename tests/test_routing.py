@@ -11,6 +11,7 @@ import subprocess
 import sys
 from typing import Any
 
+import attrs
 from twisted.trial.unittest import SynchronousTestCase
 
 import msgmux
@@ -24,6 +25,7 @@ from msgmux.routing import (
     canary_queue,
     destination,
     publish_topology,
+    reply_queue,
     reply_queue_name,
     sources,
 )
@@ -137,7 +139,8 @@ class SourcesTests(SynchronousTestCase):
         fanout = fanouts[0]
         self.assertRegex(fanout.queue.name, r"^l3_agent_fanout_[0-9a-f]{32}$")
         self.assertEqual(fanout.exchanges, (self.topology.fanout_exchange("l3_agent"),))
-        self.assertEqual(fanout.queue, self.topology.fanout_queue("l3_agent", fanout.queue.name.rsplit("_", 1)[1]))
+        expected = self.topology.fanout_queue("l3_agent", fanout.queue.name.rsplit("_", 1)[1])
+        self.assertEqual(fanout.queue, attrs.evolve(expected, owned=True))
         self.assertFalse(any("dhcp_fanout" in name for name in self.by_queue))
 
     def fanout_name(self, link: str, rules: tuple[RpcRule, ...] = DOWN) -> str:
@@ -182,14 +185,48 @@ class SourcesTests(SynchronousTestCase):
     def test_reply_and_canary_queues(self) -> None:
         """The half's own reply and canary queues come last, unbound, with their addresses."""
         reply, canary = self.found[-2:]
-        self.assertEqual(reply, Source(self.topology.reply_queue("reply_msgmux_tenant-a"), (), ReplyAddress()))
+        own_reply = attrs.evolve(self.topology.reply_queue("reply_msgmux_tenant-a"), owned=True)
+        self.assertEqual(reply, Source(own_reply, (), ReplyAddress()))
+        self.assertEqual(reply.queue, reply_queue("tenant-a", self.topology))
         self.assertEqual(canary, Source(canary_queue("tenant-a"), (), CanaryAddress()))
         self.assertEqual(
             sources("x", (), (), self.topology),
-            [Source(self.topology.reply_queue("reply_msgmux_x"), (), ReplyAddress()), Source(canary_queue("x"), (), CanaryAddress())],
+            [Source(reply_queue("x", self.topology), (), ReplyAddress()), Source(canary_queue("x"), (), CanaryAddress())],
         )
         self.assertEqual(canary.queue.name, "msgmux_canary_tenant-a")
         self.assertEqual(dict(canary.queue.arguments), {"x-expires": 600000, "x-message-ttl": 60000})
+
+    def test_owned(self) -> None:
+        """
+        The queues only msgmux uses are marked as its own (it may move
+        them); those oslo servers of the topics share are not.
+        """
+        owned = {name for name, source in self.by_queue.items() if source.queue.owned}
+        self.assertEqual(
+            owned,
+            {
+                self.fanout_name("tenant-a"),
+                "msgmux_tenant-a_openstack_notifications",
+                "reply_msgmux_tenant-a",
+                "msgmux_canary_tenant-a",
+            },
+        )
+
+    def test_stream_is_shared(self) -> None:
+        """
+        With rabbit_stream_fanout the fanout source is oslo's shared stream,
+        not msgmux's; the fanout queue of msgmux's own from before is
+        listed as retired, with its binding and address, to be relayed and
+        deleted.
+        """
+        options = QueueOptions(rabbit_transient_quorum_queue=True, rabbit_stream_fanout=True)
+        found = sources("tenant-a", DOWN, (), OsloTopology(options, "openstack"))
+        stream, retired = [s for s in found if isinstance(s.address, RpcAddress) and s.address.fanout]
+        self.assertEqual((stream.queue.name, stream.queue.owned, stream.queue.retired), ("l3_agent_fanout", False, False))
+        self.assertEqual((retired.queue.name, retired.queue.owned, retired.queue.retired), (self.fanout_name("tenant-a"), True, True))
+        self.assertEqual(retired.queue.bindings, (("l3_agent_fanout", "l3_agent"),))
+        self.assertEqual((retired.address, retired.exchanges), (stream.address, ()))
+        self.assertFalse(any(s.queue.retired for s in self.found))
 
     def test_exact_set(self) -> None:
         """Nothing else is consumed."""

@@ -436,7 +436,7 @@ class StrictnessTests(SynchronousTestCase):
     def test_unscripted_method(self) -> None:
         peer = Connected(self)
         channel = peer.channel()
-        channel._tx.basic_recover(requeue=True)
+        channel.txamqp_channel.basic_recover(requeue=True)
         error = self.assertRaises(UnexpectedFrame, peer.pump.flush)
         self.assertIn("no answer to basic.recover", str(error))
 

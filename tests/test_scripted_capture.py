@@ -77,9 +77,33 @@ class ProvenanceTests(SynchronousTestCase):
             " received '300000' but current is '600000'",
         )
         self.assertEqual(texts[("channel.close", "basic.ack", 406)], "PRECONDITION_FAILED - unknown delivery tag 99")
+        self.assertEqual(
+            texts[("channel.close", "queue.delete", 406)],
+            "PRECONDITION_FAILED - queue 'capture.q' in vhost 'msgmux-capture' not empty",
+        )
+        self.assertEqual(
+            texts[("channel.close", "queue.declare", 404)], "NOT_FOUND - no queue 'capture.missing' in vhost 'msgmux-capture'"
+        )
+        self.assertEqual(
+            texts[("channel.close", "exchange.declare", 406)],
+            "PRECONDITION_FAILED - inequivalent arg 'durable' for exchange 'capture.x' in vhost 'msgmux-capture':"
+            " received 'true' but current is 'false'",
+        )
         self.assertTrue(texts[("connection.close", None, 403)].startswith("ACCESS_REFUSED - Login was refused"))
         self.assertEqual(texts[("connection.close", None, 320)], "CONNECTION_FORCED - capture: closed by rabbitmqctl")
-        self.assertEqual(len(texts), 4)
+        self.assertEqual(len(texts), 7)
+
+    def test_moving_a_queue(self) -> None:
+        """
+        What moving a queue uses was recorded: a passive declare that counts
+        the message waiting, unbind, and the delete that took that message
+        with the queue.
+        """
+        capture = load_capture()
+        counted = [f for f in capture.frames if f.method == "queue.declare-ok" and f.fields["message-count"] == 1]
+        self.assertEqual([f.fields["queue"] for f in counted], ["capture.q"])
+        self.assertEqual(capture.find("queue.unbind-ok", answers="queue.unbind").answers, "queue.unbind")
+        self.assertEqual(capture.find("queue.delete-ok", message_count=1).answers, "queue.delete")
 
     def test_heartbeats(self) -> None:
         """The broker's heartbeats are in the capture, on channel 0, empty."""

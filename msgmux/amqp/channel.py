@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_amqp_protocol -*-
+# -*- test-case-name: tests.test_amqp_protocol,tests.test_migrate -*-
 """
 One AMQP channel as msgmux uses it.
 
@@ -17,6 +17,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from msgmux._private_apis import txamqp_channel_closed
 from msgmux.amqp import wire
 
 if TYPE_CHECKING:
@@ -126,6 +127,9 @@ class Delivery:
 class Channel:
     """
     @ivar number: the channel id.
+    @ivar txamqp_channel: txAMQP's object for the channel, which its
+        synchronous methods go through (the protocol's tables hold it, and
+        forget an entry only if it is still this one).
     @ivar lost_reason: why the channel closed, or L{None} while open.
     """
 
@@ -134,7 +138,7 @@ class Channel:
     def __init__(self, protocol: BrokerProtocol, txchannel: Any) -> None:
         self.protocol = protocol
         self.number: int = txchannel.id
-        self._tx = txchannel
+        self.txamqp_channel = txchannel
         self._consumers: dict[str, Callable[[Delivery], None]] = {}
         self._confirms: dict[int, tuple[Callable[[Any, Exception | None], None], Any]] = {}
         self._publish_tag = 0
@@ -181,7 +185,7 @@ class Channel:
         self, name: str, kind: str, durable: bool, auto_delete: bool, arguments: dict[str, Any] | None = None
     ) -> None:
         """Declare an exchange (fails the channel if it exists with other flags)."""
-        await self._tx.exchange_declare(
+        await self.txamqp_channel.exchange_declare(
             exchange=name, type=kind, durable=durable, auto_delete=auto_delete, arguments=arguments or {}
         )
 
@@ -194,21 +198,55 @@ class Channel:
         arguments: dict[str, Any] | None = None,
     ) -> None:
         """Declare a queue (fails the channel if it exists with other arguments)."""
-        await self._tx.queue_declare(
+        await self.txamqp_channel.queue_declare(
             queue=name, durable=durable, auto_delete=auto_delete, exclusive=exclusive, arguments=arguments or {}
         )
 
     async def bind_queue(self, queue: str, exchange: str, routing_key: str) -> None:
         """Bind a queue to an exchange."""
-        await self._tx.queue_bind(queue=queue, exchange=exchange, routing_key=routing_key, arguments={})
+        await self.txamqp_channel.queue_bind(queue=queue, exchange=exchange, routing_key=routing_key, arguments={})
+
+    async def unbind_queue(self, queue: str, exchange: str, routing_key: str) -> None:
+        """
+        Remove a binding.  RabbitMQ answers unbind-ok for a binding, and
+        even a queue, that does not exist.
+        """
+        await self.txamqp_channel.queue_unbind(queue=queue, exchange=exchange, routing_key=routing_key, arguments={})
+
+    async def queue_counts(self, name: str) -> tuple[int, int]:
+        """
+        Look at a queue without declaring it (a passive declare, which
+        RabbitMQ answers whatever the queue's arguments).
+
+        @return: its messages ready for delivery (not those delivered and
+            unacknowledged) and its consumers.
+        @raise Exception: when the queue does not exist (404 closes the channel).
+        """
+        reply = await self.txamqp_channel.queue_declare(queue=name, passive=True)
+        return int(reply.message_count), int(reply.consumer_count)
+
+    async def delete_queue(self, name: str, if_unused: bool = False, if_empty: bool = False) -> int:
+        """
+        Delete a queue (RabbitMQ answers delete-ok for one that does not
+        exist).  A condition that does not hold closes the channel (406).
+        Never set C{if_unused} or C{if_empty} on a queue that may be a
+        quorum queue: RabbitMQ 3.10 answers them with 540 NOT_IMPLEMENTED,
+        which closes the whole connection.  The messages delivered and
+        unacknowledged are deleted with the queue, whatever C{if_empty}.
+
+        @return: how many messages went with it (RabbitMQ's count: those
+            ready for delivery).
+        """
+        reply = await self.txamqp_channel.queue_delete(queue=name, if_unused=if_unused, if_empty=if_empty)
+        return int(reply.message_count)
 
     async def qos(self, prefetch: int) -> None:
         """Limit unacknowledged deliveries per consumer."""
-        await self._tx.basic_qos(prefetch_size=0, prefetch_count=prefetch, global_=False)
+        await self.txamqp_channel.basic_qos(prefetch_size=0, prefetch_count=prefetch, global_=False)
 
     async def select_confirms(self) -> None:
         """Put the channel in publisher-confirm mode."""
-        await self._tx.confirm_select()
+        await self.txamqp_channel.confirm_select()
         self._confirming = True
 
     async def consume(
@@ -227,7 +265,7 @@ class Channel:
         """
         self._consumers[consumer_tag] = callback
         try:
-            await self._tx.basic_consume(
+            await self.txamqp_channel.basic_consume(
                 queue=queue, consumer_tag=consumer_tag, no_ack=False, arguments=arguments or {}
             )
         except BaseException:
@@ -240,7 +278,7 @@ class Channel:
 
     async def cancel(self, consumer_tag: str) -> None:
         """Stop a consumer; deliveries already received stay valid."""
-        await self._tx.basic_cancel(consumer_tag=consumer_tag)
+        await self.txamqp_channel.basic_cancel(consumer_tag=consumer_tag)
         self._consumers.pop(consumer_tag, None)
 
     async def close(self) -> None:
@@ -251,11 +289,28 @@ class Channel:
         if not self.is_open:
             return
         try:
-            await self._tx.channel_close(reply_code=200, reply_text="closing", class_id=0, method_id=0)
+            await self.txamqp_channel.channel_close(reply_code=200, reply_text="closing", class_id=0, method_id=0)
         finally:
-            self.protocol.forget_channel(self.number)
-            self._tx.close(ChannelLost("closed by msgmux"))
+            self.protocol.forget_channel(self)
+            self.txamqp_channel.close(ChannelLost("closed by msgmux"))
             self.lost(Failure(ChannelLost("closed by msgmux")))
+
+    async def close_after_failure(self) -> None:
+        """
+        Close the channel after something on it failed.
+
+        A refused method closes the channel on the broker's side: txAMQP
+        then marks it closed and tells the protocol, which forgets it;
+        closing it again would fail and hide the first failure.  Otherwise
+        it is closed here, and a failure to close (the connection going)
+        changes nothing for the caller.
+        """
+        if not self.is_open or txamqp_channel_closed(self.txamqp_channel):
+            return
+        try:
+            await self.close()
+        except Exception:
+            pass
 
     # --- hot path -----------------------------------------------------------
 

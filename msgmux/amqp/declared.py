@@ -10,10 +10,20 @@ L{ChannelPlan} whenever there is a connection and no channel, and tries
 again after L{REBUILD_DELAY} when building fails or the channel is lost.
 Its user hears only that a channel is ready and that it was lost.
 
-A build that keeps failing for the same reason (typically a declaration
-that differs from what the broker already has, which only the operator can
-fix) is logged once, and again when the reason changes or the channel
-finally comes up, instead of once a second.
+A declaration that differs from what the broker holds is handled by whom
+it concerns.  msgmux's own queues (L{QueueSpec.owned}) are moved to their
+new arguments (L{msgmux.amqp.migrate}) and the build goes on at once; an
+auto-delete exchange that only msgmux's queues keep is let go and declared
+anew; a queue msgmux's options no longer use (L{QueueSpec.retired}) is
+consumed while it holds messages and deleted once empty.  What msgmux
+shares with oslo services only the operator can change,
+together with those services: the build fails with the operator's advice
+(L{msgmux.amqp.mismatch.advice}: the queue or exchange, the property, the
+oslo options behind it, what to do).
+
+A build that keeps failing for the same reason is logged once, and again
+when the reason changes or the channel finally comes up, instead of once a
+second: once per episode.
 """
 
 from __future__ import annotations
@@ -28,6 +38,8 @@ from twisted.python.failure import Failure
 
 from msgmux.amqp.broker import BrokerService
 from msgmux.amqp.channel import Channel, Delivery
+from msgmux.amqp.migrate import MoveNeeded, QueueMover, declare_queue, mover_for
+from msgmux.amqp.mismatch import DeclarationRefused, Inequivalent, advice, inequivalent
 from msgmux.amqp.protocol import BrokerProtocol
 from msgmux.oslo.topology import ExchangeSpec, QueueSpec
 
@@ -74,11 +86,13 @@ class ChannelUser(Protocol):
         """The ready channel is gone; the broker requeued its unacknowledged deliveries."""
 
 
-async def declare_queue(channel: Channel, queue: QueueSpec) -> None:
-    """Declare a queue and its bindings."""
-    await channel.declare_queue(queue.name, queue.durable, queue.auto_delete, arguments=dict(queue.arguments))
-    for exchange, routing_key in queue.bindings:
-        await channel.bind_queue(queue.name, exchange, routing_key)
+class _ExchangeRefused(Exception):
+    """The broker holds an exchange with other properties."""
+
+    def __init__(self, exchange: ExchangeSpec, mismatch: Inequivalent) -> None:
+        super().__init__(mismatch.text)
+        self.exchange = exchange
+        self.mismatch = mismatch
 
 
 class DeclaredChannel:
@@ -175,30 +189,71 @@ class DeclaredChannel:
             self._rebuild = self.clock.callLater(REBUILD_DELAY, self._maybe_build)
 
     async def _build(self, protocol: BrokerProtocol) -> None:
+        exchanges, queues = self.plan.declarations()
+        mover = mover_for(self.broker)
+        handled: set[str] = set()  # each queue is moved, each exchange let go, at most once per build
+        while True:
+            try:
+                await self._build_once(protocol, exchanges, queues, mover)
+                return
+            except MoveNeeded as needed:
+                if needed.queue.name in handled:
+                    raise
+                handled.add(needed.queue.name)
+                await mover.move(protocol, needed)
+            except _ExchangeRefused as refused:
+                exchange = refused.exchange
+                released = None if exchange.name in handled else await mover.release_exchange(protocol, exchange, queues)
+                if not released:
+                    held = released is False
+                    raise DeclarationRefused(advice(refused.mismatch, exchange, str(self.broker.name), held=held)) from None
+                handled.add(exchange.name)
+
+    async def _build_once(
+        self, protocol: BrokerProtocol, exchanges: list[ExchangeSpec], queues: list[QueueSpec], mover: QueueMover
+    ) -> None:
         channel = await protocol.open_channel()
         try:
             await channel.select_confirms()
             await channel.qos(self.broker.config.prefetch)
-            exchanges, queues = self.plan.declarations()
             declared: set[str] = set()
             for exchange in exchanges:
                 if exchange.name not in declared:
                     declared.add(exchange.name)
-                    await channel.declare_exchange(exchange.name, exchange.kind, exchange.durable, exchange.auto_delete)
+                    try:
+                        await channel.declare_exchange(exchange.name, exchange.kind, exchange.durable, exchange.auto_delete)
+                    except Exception as e:
+                        mismatch = inequivalent(e)
+                        if mismatch is None:
+                            raise
+                        raise _ExchangeRefused(exchange, mismatch) from None
+            unused: set[str] = set()
             for queue in queues:
-                await declare_queue(channel, queue)
+                if queue.retired:
+                    if not await mover.retire(protocol, queue):
+                        unused.add(queue.name)
+                    continue
+                if queue.owned:
+                    await mover.declare(channel, queue)
+                    continue
+                try:
+                    await declare_queue(channel, queue)
+                except Exception as e:
+                    mismatch = inequivalent(e)
+                    if mismatch is None:
+                        raise
+                    raise DeclarationRefused(advice(mismatch, queue, str(self.broker.name))) from None
             if not self._wanted:
                 await channel.close()
                 return
             channel.lost_observers.append(lambda reason: self._lost(channel, reason))
             channel.cancel_observers.append(lambda tag: self._consumer_cancelled(channel, tag))
             self.channel = channel
-            consumers = self.plan.consumers(channel)
+            consumers = [consumer for consumer in self.plan.consumers(channel) if consumer.queue not in unused]
             for consumer in consumers:
                 await channel.consume(consumer.queue, consumer.tag, consumer.deliver, consumer.arguments)
         except BaseException:
-            if channel.is_open:
-                await channel.close()
+            await channel.close_after_failure()
             raise
         recovered = self._failing is not None
         self._failing = None

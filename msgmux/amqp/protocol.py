@@ -348,12 +348,20 @@ class BrokerProtocol(AMQClient):
             fast.cancelled_by_broker(consumer_tag)
 
     def channel_failed(self, channel: Any, reason: Failure) -> None:
-        """The broker closed a channel with an error."""
-        fast = self.fast_channels.pop(channel.id, None)
-        forget_txamqp_channel(self, channel.id)
-        if fast is not None:
+        """
+        The broker closed a channel with an error.
+
+        txAMQP fails the channel's pending method before it calls this, and
+        whoever awaited that method may already have closed the channel and
+        opened another on the same number: only the tables' entries for this
+        very channel are dropped.
+        """
+        fast = self.fast_channels.get(channel.id)
+        if fast is not None and fast.txamqp_channel is channel:
+            del self.fast_channels[channel.id]
             fast.closed_by_broker = _channel_close_code(reason)
             fast.lost(reason)
+        forget_txamqp_channel(self, channel)
 
     def do_close(self, reason: Any) -> None:
         """
@@ -388,19 +396,21 @@ class BrokerProtocol(AMQClient):
         try:
             await txchannel.channel_open()
         except BaseException:
-            forget_txamqp_channel(self, number)
+            forget_txamqp_channel(self, txchannel)
             raise
         fast = Channel(self, txchannel)
         self.fast_channels[number] = fast
         return fast
 
-    def forget_channel(self, number: int) -> None:
+    def forget_channel(self, channel: Channel) -> None:
         """
         A channel we closed is gone: drop it from the hot path and from
-        txAMQP's table, so that its number can be used again.
+        txAMQP's table, so that its number can be used again (unless the
+        number already belongs to a newer channel).
         """
-        self.fast_channels.pop(number, None)
-        forget_txamqp_channel(self, number)
+        if self.fast_channels.get(channel.number) is channel:
+            del self.fast_channels[channel.number]
+        forget_txamqp_channel(self, channel.txamqp_channel)
 
     def write_message(self, parts: list[bytes]) -> None:
         """

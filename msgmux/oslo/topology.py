@@ -40,6 +40,14 @@ class QueueSpec:
     @ivar bindings: (exchange, routing key) pairs; the default exchange
         needs none.
     @ivar consume_arguments: C{basic.consume} arguments, as sorted pairs.
+    @ivar owned: whether the queue is msgmux's own (its name is one no oslo
+        service uses): msgmux may then replace it when its arguments change
+        (L{msgmux.amqp.migrate}).  Queues oslo services share with msgmux
+        are not: only the operator can change those, together with the
+        services.
+    @ivar retired: a queue of msgmux's own that its current options no
+        longer use (the fanout queue, after a change to the fanout stream):
+        not declared; what it still holds is relayed, then it is deleted.
     """
 
     name: str
@@ -48,6 +56,8 @@ class QueueSpec:
     arguments: tuple[tuple[str, Any], ...] = ()
     bindings: tuple[tuple[str, str], ...] = ()
     consume_arguments: tuple[tuple[str, Any], ...] = ()
+    owned: bool = False
+    retired: bool = False
 
 
 def _pairs(mapping: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
@@ -160,3 +170,47 @@ class OsloTopology:
                 self._queue_arguments(options.rabbit_transient_queues_ttl, options.rabbit_transient_quorum_queue)
             ),
         )
+
+
+# What sets each property RabbitMQ compares when a queue or exchange is
+# declared again, for the declarations oslo services share with msgmux
+# (topic, server and notification queues, the fanout stream, exchanges).
+_TOPIC_QUEUE_OPTIONS: dict[str, tuple[str, ...]] = {
+    "durable": ("amqp_durable_queues", "rabbit_quorum_queue"),
+    "auto_delete": ("amqp_auto_delete",),
+    "x-queue-type": ("rabbit_quorum_queue",),
+    "x-ha-policy": ("rabbit_ha_queues",),
+    "x-delivery-limit": ("rabbit_quorum_delivery_limit",),
+    "x-max-in-memory-length": ("rabbit_quorum_max_memory_length",),
+    "x-max-in-memory-bytes": ("rabbit_quorum_max_memory_bytes",),
+    "x-expires": ("rabbit_transient_queues_ttl",),
+}
+_STREAM_OPTIONS: dict[str, tuple[str, ...]] = {
+    "durable": ("rabbit_stream_fanout",),
+    "x-queue-type": ("rabbit_stream_fanout",),
+    "x-max-age": ("rabbit_transient_queues_ttl",),
+}
+_EXCHANGE_OPTIONS: dict[str, tuple[str, ...]] = {
+    "durable": ("amqp_durable_queues", "rabbit_quorum_queue"),
+    "auto_delete": ("amqp_auto_delete",),
+}
+_FANOUT_EXCHANGE_OPTIONS: dict[str, tuple[str, ...]] = {"durable": ("rabbit_transient_quorum_queue", "rabbit_stream_fanout")}
+
+
+def shaping_options(argument: str, declared: QueueSpec | ExchangeSpec) -> tuple[str, ...]:
+    """
+    The options of L{msgmux.config.QueueOptions} (oslo's, by the same
+    names) that decide one property of a declaration.
+
+    @param argument: the property as RabbitMQ names it when it refuses a
+        declaration (C{durable}, C{auto_delete}, C{x-expires}...).
+    @param declared: what was declared.
+    @return: the option names, none for a property no option sets.
+    """
+    if isinstance(declared, ExchangeSpec):
+        table = _FANOUT_EXCHANGE_OPTIONS if declared.kind == "fanout" else _EXCHANGE_OPTIONS
+    elif dict(declared.arguments).get("x-queue-type") == "stream":
+        table = _STREAM_OPTIONS
+    else:
+        table = _TOPIC_QUEUE_OPTIONS
+    return table.get(argument, ())

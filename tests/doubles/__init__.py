@@ -130,6 +130,7 @@ class TxChannelStandIn:
 
     def __init__(self, number: int) -> None:
         self.id = number
+        self.closed = False
         self.calls: list[tuple[str, dict[str, Any]]] = []
 
     def __getattr__(self, name: str) -> Any:
@@ -183,7 +184,8 @@ def confirm(protocol: BrokerProtocol, channel: int, tag: int, multiple: bool = F
 def broker_closes_channel(protocol: BrokerProtocol, channel: Channel, code: int = 406, text: str = "PRECONDITION_FAILED") -> None:
     """The broker closes C{channel} over an error, as txAMQP reports a C{channel.close} from it."""
     reason = TxMessage(load_spec().parse_method("channel.close"), [code, text, 60, 40])
-    protocol.channel_failed(TxChannelStandIn(channel.number), Failure(reason))
+    channel.txamqp_channel.closed = True
+    protocol.channel_failed(channel.txamqp_channel, Failure(reason))
 
 
 def published(transport: StringTransport) -> list[tuple[str, str, dict[str, Any], bytes]]:

@@ -127,7 +127,11 @@ class ScriptedBroker(Protocol):
         self.lost: Failure | None = None
         self._splitter = amqp_frames.FrameSplitter(header=True)
         self._state = "header"
-        self._refusals: dict[str, list[tuple[int, str]]] = {}
+        self._refusals: dict[str, list[tuple[int, str, dict[str, Any]]]] = {}
+        #: What a C{queue.declare-ok} (passive or not) and C{queue.delete-ok}
+        #: report, by queue: messages ready, and consumers on other
+        #: connections (this connection's own consumers are added).
+        self.queue_counts: dict[str, tuple[int, int]] = {}
         self._beating: LoopingCall | None = None
         self._names = itertools.count(1)
 
@@ -197,10 +201,17 @@ class ScriptedBroker(Protocol):
         )
         self._send_content(template, channel, properties, body)
 
-    def refuse(self, method: str, code: int, text: str) -> None:
-        """Answer the client's next C{method} (e.g. C{"queue.declare"}) with C{channel.close}; calls queue up."""
+    def refuse(self, method: str, code: int, text: str, **fields: Any) -> None:
+        """
+        Answer the client's next C{method} (e.g. C{"queue.declare"}) with
+        C{channel.close}; calls queue up.
+
+        @param fields: only a C{method} whose arguments have these values
+            (spec names with C{_} for C{-}, e.g. C{queue="q"}).
+        """
         amqp_frames.spec_method(method)
-        self._refusals.setdefault(method, []).append((code, text))
+        wanted = {name.replace("_", "-"): value for name, value in fields.items()}
+        self._refusals.setdefault(method, []).append((code, text, wanted))
 
     def close_channel(self, channel: int, code: int, text: str, class_id: int = 0, method_id: int = 0) -> None:
         """
@@ -317,12 +328,22 @@ class ScriptedBroker(Protocol):
         if state.receiving_content:
             # RabbitMQ: 505 UNEXPECTED_FRAME, a connection error.
             self._unexpected(f"{name} in the middle of a message's content", frame)
-        if self._refusals.get(name):
-            code, text = self._refusals[name].pop(0)
+        refusal = self._refusal(name, fields)
+        if refusal is not None:
+            code, text = refusal
             self.close_channel(frame.channel, code, text, method.klass.id, method.id)
             return
         handler = self._channel_methods.get(name, ScriptedBroker._answer)
         handler(self, frame, name, fields)
+
+    def _refusal(self, name: str, fields: dict[str, Any]) -> tuple[int, str] | None:
+        """@return: the first refusal queued for this method and these arguments, taken off the queue."""
+        queued = self._refusals.get(name, [])
+        for index, (code, text, wanted) in enumerate(queued):
+            if all(fields.get(key) == value for key, value in wanted.items()):
+                del queued[index]
+                return code, text
+        return None
 
     def _connection_method(self, frame: Frame, name: str, fields: dict[str, Any]) -> None:
         expected = {"start-ok": "connection.start-ok", "tune-ok": "connection.tune-ok", "open": "connection.open"}
@@ -375,12 +396,22 @@ class ScriptedBroker(Protocol):
         self.channels[frame.channel].confirming = True
         self._answer(frame, name, fields)
 
+    def _counts(self, queue: str) -> tuple[int, int]:
+        messages, others = self.queue_counts.get(queue, (0, 0))
+        return messages, others + sum(1 for consumer in self.consumers.values() if consumer.queue == queue)
+
     def _queue_declare(self, frame: Frame, name: str, fields: dict[str, Any]) -> None:
         queue = fields["queue"] or f"amq.gen-scripted-{next(self._names)}"
-        self._answer(frame, name, fields, queue=queue, message_count=0, consumer_count=0)
+        messages, consumers = self._counts(queue)
+        self._answer(frame, name, fields, queue=queue, message_count=messages, consumer_count=consumers)
 
     def _queue_delete(self, frame: Frame, name: str, fields: dict[str, Any]) -> None:
-        self._answer(frame, name, fields, message_count=0)
+        """Answer as RabbitMQ does: delete-ok with the messages ready, then basic.cancel to the queue's consumers."""
+        queue = fields["queue"]
+        messages, _ = self.queue_counts.pop(queue, (0, 0))
+        self._answer(frame, name, fields, message_count=messages)
+        for tag in [tag for tag, consumer in self.consumers.items() if consumer.queue == queue]:
+            self.cancel_consumer(tag)
 
     def _basic_consume(self, frame: Frame, name: str, fields: dict[str, Any]) -> None:
         tag = fields["consumer-tag"] or f"amq.ctag-scripted-{next(self._names)}"

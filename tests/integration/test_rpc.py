@@ -344,7 +344,11 @@ class QueueOptionTests(LabTestCase):
         self.assertEqual(sorted(seen), list(range(-1, 30)))
 
     async def test_mismatch_is_reported(self) -> None:
-        """If msgmux's options differ from oslo's, the control half says so in its log."""
+        """
+        If msgmux's options differ from oslo's, the control half says so in
+        its log, once however often it retries: what differs, the options
+        behind it, what to do, and RabbitMQ's words.
+        """
         control_peer = self.lab.spawn_peer("control", self.control_vhost, amqp_durable_queues=True)
         await control_peer.ready
         # An oslo server with durable queues declares l3_agent first...
@@ -352,4 +356,13 @@ class QueueOptionTests(LabTestCase):
         # ... then msgmux, configured with oslo's defaults, cannot.
         control_half, _ = await self.start_link(ROUTES, wait=False)
         await self.lab.wait_for_log(control_half, "PRECONDITION_FAILED")
-        self.assertIn("could not set up the control broker channel", control_half.log())
+        await settle(self.lab.reactor, 3.5)  # three more attempts
+        log = control_half.log()
+        self.assertEqual(log.count("could not set up the control broker channel"), 1)
+        self.assertIn(
+            "exchange 'openstack' differs on the control broker: durable is true there, msgmux declares false"
+            " (set by amqp_durable_queues, rabbit_quorum_queue in [control.queues])",
+            log,
+        )
+        self.assertIn("make it equal to the [oslo_messaging_rabbit] options of the services on this broker", log)
+        self.assertIn("RabbitMQ: PRECONDITION_FAILED - inequivalent arg 'durable' for exchange 'openstack'", log)

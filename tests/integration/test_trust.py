@@ -100,7 +100,7 @@ class TrustTests(LabTestCase):
         second = tenant.send_message(RpcAddress(None, "q-reports"), oslo_body({"method": "report_state", "_unique_id": "f2"}))
         await tenant.wait_for(lambda: link.stats.get("nacked", direction="up") >= 2)  # refused, retried, refused
         self.assertIsNone(tenant.outcome(second))
-        await channel._tx.queue_purge(queue=f"full-{self.tag}")  # room again
+        await channel.txamqp_channel.queue_purge(queue=f"full-{self.tag}")  # room again
         self.assertEqual(await tenant.wait_outcome(second), "ack")
         self.assertEqual(link.stats.get("relayed", direction="up"), 2)
 
