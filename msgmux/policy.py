@@ -57,6 +57,20 @@ class Refusal(Exception):
         self.detail = detail
 
 
+class Copy(Exception):
+    """
+    A message that is a copy of one still on its way to the broker (its
+    peer's broker redelivered it): it waits for that one and ends as it
+    does (L{msgmux.copies}).
+
+    @ivar identity: the L{Publication.identity} of the one it copies.
+    """
+
+    def __init__(self, identity: tuple[str, str]) -> None:
+        super().__init__(identity)
+        self.identity = identity
+
+
 @attrs.frozen
 class Publication:
     """
@@ -81,6 +95,18 @@ class Publication:
     retry_until: float | None = None
     unique_id: str | None = None
     answers: str | None = None
+
+    @property
+    def identity(self) -> tuple[str, str] | None:
+        """
+        What makes two publications the same message, where the policy
+        knows it: the oslo C{_unique_id}, or the call a final reply answers.
+        """
+        if self.unique_id is not None:
+            return ("unique_id", self.unique_id)
+        if self.answers is not None:
+            return ("answers", self.answers)
+        return None
 
 
 class RelayPolicy(Protocol):
@@ -115,10 +141,11 @@ class RelayPolicy(Protocol):
 
         @return: the publication, or L{None} when the message ends here.
         @raise Refusal: to refuse it for good.
+        @raise Copy: when it copies a publication not yet confirmed.
         """
 
     def published(self, publication: Publication) -> None:
         """The broker confirmed C{publication}."""
 
     def publish_failed(self, publication: Publication) -> None:
-        """C{publication} will not be published in this session (refused or the session ended)."""
+        """C{publication} will not be published in this session (dropped or refused)."""

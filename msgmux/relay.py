@@ -13,7 +13,8 @@ L{DeclaredChannel} on its half's broker and moves messages both ways:
    it;
  - I{inbound}: each MSG the peer sends goes to the L{Publisher}, and is
    ACKed on the link once the broker confirmed it, which also returns its
-   credit.
+   credit.  A copy of a message still in flight (the peer's broker
+   redelivered it) waits for it in L{WaitingCopies} and ends as it does.
 
 What each message becomes is the L{RelayPolicy}'s business; how fast the
 peer may send is the L{CreditPacer}'s.  Closing the channel (session over,
@@ -34,12 +35,13 @@ from twisted.python.failure import Failure
 from msgmux.amqp.broker import BrokerService
 from msgmux.amqp.channel import Channel, Delivery
 from msgmux.amqp.declared import Consumer, DeclaredChannel
+from msgmux.copies import WaitingCopies
 from msgmux.link.interfaces import LinkConnection, MessageTooLarge
 from msgmux.message import Message, kind_of
 from msgmux.oslo.topology import ExchangeSpec, QueueSpec
 from msgmux.outbox import Outbox
 from msgmux.pacing import CreditPacer
-from msgmux.policy import REJECT_REASONS, Refusal, RelayPolicy
+from msgmux.policy import REJECT_REASONS, Copy, Refusal, RelayPolicy
 from msgmux.publisher import Pending, Publisher
 from msgmux.routing import Source
 from msgmux.stats import LinkStats
@@ -89,6 +91,7 @@ class Relay:
         self._waiting = Outbox()
         self.declared = DeclaredChannel(broker, clock, stats.link_name, plan=self, user=self)
         self.publisher = Publisher(clock, stats, policy.direction_in, broker.name, self._published, self._refused)
+        self._copies = WaitingCopies()
         self._relayed = {
             (direction, kind): LinkStats.key("relayed", direction=direction, kind=kind)
             for direction in (policy.direction_in, policy.direction_out)
@@ -107,6 +110,7 @@ class Relay:
         self.credit.stop()
         self.declared.stop()  # the broker requeues every delivery the peer did not settle
         self.publisher.stop()
+        self._copies.clear()
         self._waiting.clear()
         self._on_ended(self)
 
@@ -232,6 +236,11 @@ class Relay:
         except Refusal as refusal:
             self._refuse(seq, len(message.body), refusal.reason, refusal.detail)
             return
+        except Copy as copy:
+            if not self._copies.wait(copy.identity, seq, len(message.body)):
+                self._log.error("Link {link}: a copy of a message not in flight; refusing it", link=self.stats.link_name)
+                self._refuse(seq, len(message.body), "internal", "copy of a message not in flight")
+            return
         except Exception:
             # A bug of ours, or input nobody foresaw: this message is
             # refused, the session and every other message carry on.
@@ -240,8 +249,10 @@ class Relay:
             return
         if publication is None:
             self._settle(seq, len(message.body))
-        else:
-            self.publisher.submit(Pending(seq, publication, kind_of(message.address), len(message.body)))
+            return
+        pending = Pending(seq, publication, kind_of(message.address), len(message.body))
+        self._copies.original(pending)
+        self.publisher.submit(pending)
 
     def _published(self, pending: Pending, confirmed: bool) -> None:
         if self.ended:
@@ -252,11 +263,15 @@ class Relay:
         else:
             self.policy.publish_failed(pending.publication)
         self._settle(pending.seq, pending.body_bytes)
+        for seq, body_bytes in self._copies.done(pending):
+            self.stats.count("duplicates_dropped", direction=self.policy.direction_in)
+            self._settle(seq, body_bytes)
 
     def _refused(self, pending: Pending, reason: str, detail: str) -> None:
         if not self.ended:
             self.policy.publish_failed(pending.publication)
-            self._refuse(pending.seq, pending.body_bytes, reason, detail)
+            for seq, body_bytes in [(pending.seq, pending.body_bytes), *self._copies.done(pending)]:
+                self._refuse(seq, body_bytes, reason, detail)
 
     def _refuse(self, seq: int, body_bytes: int, reason: str, detail: str) -> None:
         self.connection.refuse(seq, reason)

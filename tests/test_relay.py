@@ -18,8 +18,14 @@ from twisted.trial.unittest import SynchronousTestCase
 from msgmux.amqp import wire
 from msgmux.amqp.channel import Channel, ChannelLost
 from msgmux.amqp.declared import Consumer
+from msgmux.calls import CallTracker
 from msgmux.config import NotificationRule, QueueOptions, RpcRule
+from msgmux.control.canaries import Canaries
+from msgmux.control.memory import LinkMemory
+from msgmux.control.policy import ControlPolicy
+from msgmux.control.rewrite import CallRewriter
 from msgmux.message import Message, ReplyAddress, RpcAddress
+from msgmux.oslo.tokens import TokenSigner
 from msgmux.oslo.topology import OsloTopology
 from msgmux.pacing import ImmediateCredit
 from msgmux.relay import Relay
@@ -27,7 +33,21 @@ from msgmux.routing import LinkRoutes
 from msgmux.stats import LinkStats
 from msgmux.stream_offsets import OFFSET_HEADER, StreamPosition
 from msgmux.tenant import TenantPolicy
-from tests.doubles import RecordingConnection, broker_connection, clock, confirm, delivery, idle_broker, open_channel, published
+from tests.doubles import (
+    OSLO_PROPERTIES,
+    RecordingConnection,
+    broker_connection,
+    clock,
+    confirm,
+    control_config,
+    delivery,
+    idle_broker,
+    inner_of,
+    one_link,
+    open_channel,
+    oslo_body,
+    published,
+)
 
 ROUTES = LinkRoutes(
     "tenant-a",
@@ -210,3 +230,113 @@ class InboundTests(RelayTestCase):
         self.relay.message_received(1, Message(RpcAddress(None, "l3_agent"), {"delivery_mode": 3}, b"x"))
         self.assertEqual(published(self.transport), [])
         self.assertEqual(self.connection.refused, [(1, "malformed")])
+
+
+class CopyTests(SynchronousTestCase):
+    """
+    The control half's relay when the tenant broker redelivers messages the
+    control half still holds: a copy waits for its original and ends as it
+    does, so one message is published and neither is acknowledged early.
+    """
+
+    def setUp(self) -> None:
+        self.clock = clock()
+        config = control_config(one_link('up = [ { topic = "q-reports", methods = ["report_state"] } ]\n'))
+        link = config.links[0]
+        self.signer = TokenSigner(b"k" * 32)
+        self.stats = LinkStats(link.name, self.clock)
+        self.calls = CallTracker(self.clock, self.stats)
+        self.addCleanup(self.calls.cancel_all)
+        policy = ControlPolicy(
+            link,
+            OsloTopology(config.broker.queues, config.broker.exchange),
+            CallRewriter(link.name, self.signer, self.calls, "reply_msgmux_tenant-a", self.clock),
+            LinkMemory(),
+            Canaries(link.name, self.signer, self.clock, 10.0, self.stats),
+            self.clock,
+            self.stats,
+        )
+        self.connection = RecordingConnection()
+        self.relay = Relay(self.connection, policy, idle_broker(), ImmediateCredit(self.connection), (10, 1 << 20), self.clock, self.stats, {})
+        self.protocol, self.transport = broker_connection(self.clock)
+        self.channel = self.confirming_channel(1)
+
+    def confirming_channel(self, number: int) -> Channel:
+        channel = open_channel(self.protocol, number)
+        self.successResultOf(defer.Deferred.fromCoroutine(channel.select_confirms()))
+        return channel
+
+    def cast(self, seq: int, unique_id: str = "u-1", **properties: Any) -> None:
+        body = oslo_body({"method": "report_state", "_unique_id": unique_id})
+        self.relay.message_received(seq, Message(RpcAddress(None, "q-reports"), dict(OSLO_PROPERTIES, **properties), body))
+
+    def test_copy_settled_with_its_original(self) -> None:
+        """A redelivered copy that arrives before the original is confirmed is not published, and is acknowledged with it."""
+        self.relay.channel_ready(self.channel)
+        self.cast(1)
+        self.cast(2)  # the copy
+        self.cast(3, unique_id="u-2")
+        self.assertEqual([inner_of(body)["_unique_id"] for _, _, _, body in published(self.transport)], ["u-1", "u-2"])
+        self.assertEqual(self.connection.acknowledged, [])
+        confirm(self.protocol, 1, 1)
+        self.assertEqual(self.connection.acknowledged, [1, 2])
+        self.assertEqual(self.stats.get("duplicates_dropped", direction="up"), 1)
+        self.assertEqual(self.stats.get("relayed", direction="up", kind="rpc"), 1)
+        confirm(self.protocol, 1, 2)
+        self.assertEqual(self.connection.acknowledged, [1, 2, 3])
+
+    def test_copy_while_the_broker_is_away(self) -> None:
+        """An original waiting for the next channel, and its copy: the message is published once on that channel."""
+        self.relay.channel_ready(self.channel)
+        self.cast(1)
+        self.relay.channel_lost(self.channel, Failure(ChannelLost("connection lost")))
+        self.cast(2)
+        self.transport.clear()
+        self.relay.channel_ready(self.confirming_channel(2))
+        self.assertEqual(len(published(self.transport)), 1)
+        confirm(self.protocol, 2, 1)
+        self.assertEqual(self.connection.acknowledged, [1, 2])
+
+    def test_copy_refused_with_its_original(self) -> None:
+        """An original the broker would refuse takes its copies with it, with the same reason."""
+        self.cast(1, delivery_mode=3)  # waits for a channel, which refuses it
+        self.cast(2, delivery_mode=3)
+        self.relay.channel_ready(self.channel)
+        self.assertEqual(self.connection.refused, [(1, "malformed"), (2, "malformed")])
+        self.assertEqual(self.connection.acknowledged, [])
+
+    def test_copy_of_an_expired_call(self) -> None:
+        """
+        A copied call is not tracked as a second call; an original dropped as
+        expired ends its copies too: both settled, nothing published.
+        """
+        body = oslo_body({"method": "report_state", "_msg_id": "m1", "_reply_q": "reply_x", "_unique_id": "u-1"})
+        for seq in (1, 2):
+            self.relay.message_received(seq, Message(RpcAddress(None, "q-reports"), dict(OSLO_PROPERTIES, expiration="1000"), body))
+        self.assertEqual(self.calls.inflight("up"), 1)
+        self.clock.advance(2)
+        self.relay.channel_ready(self.channel)
+        self.assertEqual(published(self.transport), [])
+        self.assertEqual(self.connection.acknowledged, [1, 2])
+
+    def test_session_end_leaves_copies_to_the_broker(self) -> None:
+        """When the session ends first, neither the original nor the copy is acknowledged: the tenant broker keeps both."""
+        self.relay.channel_ready(self.channel)
+        self.cast(1)
+        self.cast(2)
+        self.relay.session_ended("connection-lost")
+        confirm(self.protocol, 1, 1)
+        self.assertEqual(self.connection.acknowledged, [])
+
+    def test_final_reply_copy(self) -> None:
+        """A second final reply to a call waits for the first, which alone reaches the caller."""
+        token = self.signer.issue("tenant-a", "down", "m9", "reply_caller", self.clock.seconds() + 30)
+        self.calls.begin(token, self.clock.seconds() + 30, "down")
+        self.relay.channel_ready(self.channel)
+        for seq in (1, 2):
+            body = oslo_body({"_msg_id": token, "result": seq, "ending": True})
+            self.relay.message_received(seq, Message(ReplyAddress(None), dict(OSLO_PROPERTIES), body))
+        [(_, _, _, body)] = published(self.transport)
+        self.assertEqual(inner_of(body)["result"], 1)
+        confirm(self.protocol, 1, 1)
+        self.assertEqual(self.connection.acknowledged, [1, 2])

@@ -27,7 +27,7 @@ from msgmux.control.memory import LinkMemory
 from msgmux.control.rewrite import CallRewriter
 from msgmux.message import Address, CanaryAddress, Message, NotificationAddress, RpcAddress
 from msgmux.oslo import envelope
-from msgmux.policy import Publication, Refusal
+from msgmux.policy import Copy, Publication, Refusal
 from msgmux.routing import Destination
 from msgmux.stats import LinkStats
 
@@ -82,9 +82,12 @@ class UpstreamChecks:
     """
     The upstream policy of one link session.
 
-    @ivar pending_answers: reply tokens of final replies accepted in this
-        session and not yet confirmed by the control broker: a second final
-        reply to the same call is dropped even while the first is in flight.
+    @ivar in_flight: the L{Publication.identity} of each message accepted
+        in this session whose end (confirmed, dropped or refused) is not
+        known yet.  Another message with the same identity is a L{Copy}
+        (the tenant broker redelivered it, or the tenant half answers a call
+        twice) and waits for it; a non-final reply after a final one ends
+        here.
     """
 
     def __init__(
@@ -104,7 +107,7 @@ class UpstreamChecks:
         self.destination = destination
         self.clock = clock
         self.stats = stats
-        self.pending_answers: set[str] = set()
+        self.in_flight: set[tuple[str, str]] = set()
 
     def inbound(self, message: Message) -> Publication | None:
         """
@@ -125,13 +128,17 @@ class UpstreamChecks:
         properties = self._stamped(message.properties)
         try:
             if isinstance(address, RpcAddress):
-                return self._request(address, properties, message.body)
-            if isinstance(address, NotificationAddress):
-                return self._notification(address, properties, message.body)
-            return self._reply(properties, message.body)
+                publication = self._request(address, properties, message.body)
+            elif isinstance(address, NotificationAddress):
+                publication = self._notification(address, properties, message.body)
+            else:
+                publication = self._reply(properties, message.body)
         except _Duplicate:
             self.stats.count("duplicates_dropped", direction="up")
             return None
+        if publication.identity is not None:
+            self.in_flight.add(publication.identity)
+        return publication
 
     def _stamped(self, properties: Any) -> dict[str, Any]:
         """
@@ -215,11 +222,16 @@ class UpstreamChecks:
         """
         @return: the message's oslo C{_unique_id}, if it has a usable one.
         @raise _Duplicate: when the control broker already confirmed it.
+        @raise Copy: when a message with it is still on its way.
         """
         value = parsed.inner.get("_unique_id")
         unique_id = value if type(value) is str and 0 < len(value) <= 64 else None
-        if unique_id is not None and unique_id in self.memory.published_ids:
+        if unique_id is None:
+            return None
+        if unique_id in self.memory.published_ids:
             raise _Duplicate()
+        if ("unique_id", unique_id) in self.in_flight:
+            raise Copy(("unique_id", unique_id))
         return unique_id
 
     def _reply(self, properties: dict[str, Any], body: bytes) -> Publication | None:
@@ -228,12 +240,14 @@ class UpstreamChecks:
         if self.clock.seconds() >= token.deadline:
             raise Refusal("late-reply", "reply after the call's deadline")
         msg_id = reply.msg_id or ""
-        if msg_id in self.memory.answered_calls or msg_id in self.pending_answers:
-            # A redelivered final reply, or a tenant half answering twice.
-            raise _Duplicate()
         ending = bool(reply.inner.get("ending"))
+        if msg_id in self.memory.answered_calls:
+            raise _Duplicate()  # a redelivered final reply, or a second answer
+        if ("answers", msg_id) in self.in_flight:
+            if ending:
+                raise Copy(("answers", msg_id))
+            raise _Duplicate()  # a heartbeat after the answer
         if ending:
-            self.pending_answers.add(msg_id)
             self.rewriter.answered(msg_id)
         retry_until = min(token.deadline, self.clock.seconds() + RETURN_RETRY_LIMIT)
         return Publication(
@@ -246,16 +260,17 @@ class UpstreamChecks:
 
     def published(self, publication: Publication) -> None:
         """The control broker confirmed C{publication}: remember what must not happen twice."""
+        if publication.identity is not None:
+            self.in_flight.discard(publication.identity)
         if publication.unique_id is not None:
             self.memory.published_ids.add(publication.unique_id)
         if publication.answers is not None:
-            self.pending_answers.discard(publication.answers)
             self.memory.answered_calls.add(publication.answers)
 
     def publish_failed(self, publication: Publication) -> None:
-        """C{publication} was dropped: a final reply it carried no longer blocks others."""
-        if publication.answers is not None:
-            self.pending_answers.discard(publication.answers)
+        """C{publication} was dropped or refused: a message with its identity may come again."""
+        if publication.identity is not None:
+            self.in_flight.discard(publication.identity)
 
 
 class _Duplicate(Exception):
