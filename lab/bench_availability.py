@@ -125,13 +125,13 @@ async def availability(lab: Lab, calls: int) -> dict[str, Any]:
     good, bad = lab.path("sockets", "avail-good.sock"), lab.path("sockets", "avail-bad.sock")
     config = lab.write(
         "bench-availability.toml",
-        f'[control]\ntransport_url = "{lab.control_node.url(control_vhost)}"\n' + LINKS.format(good=good, bad=bad),
+        f'[control]\ntransport_url = "{lab.url("control", control_vhost)}"\n' + LINKS.format(good=good, bad=bad),
     )
     control = lab.spawn_half(config, "bench-availability-control", in_tenant_network=False)
     await lab.wait_for_log(control, "listening on", count=2)
     tenant_config = lab.write(
         "bench-availability-tenant.toml",
-        f'[tenant]\ntransport_url = "{lab.tenant_node.url(tenant_vhost)}"\nsocket = "{good}"\nlink = "good"\n',
+        f'[tenant]\ntransport_url = "{lab.url("tenant", tenant_vhost)}"\nsocket = "{good}"\nlink = "good"\n',
     )
     tenant = lab.spawn_half(tenant_config, "bench-availability-tenant", in_tenant_network=True)
     await lab.wait_for_log(tenant, "tenant broker channel ready")

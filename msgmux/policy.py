@@ -96,12 +96,13 @@ class Publication:
     unique_id: str | None = None
     answers: str | None = None
 
-    @property
-    def identity(self) -> tuple[str, str] | None:
-        """
-        What makes two publications the same message, where the policy
-        knows it: the oslo C{_unique_id}, or the call a final reply answers.
-        """
+    #: What makes two publications the same message, where the policy
+    #: knows it: the oslo C{_unique_id}, or the call a final reply answers.
+    #: Computed once: the relay reads it twice per message.
+    identity: tuple[str, str] | None = attrs.field(init=False, eq=False, repr=False)
+
+    @identity.default
+    def _identity(self) -> tuple[str, str] | None:
         if self.unique_id is not None:
             return ("unique_id", self.unique_id)
         if self.answers is not None:

@@ -432,7 +432,7 @@ class LinkProtocol(TwistedProtocol):
         body_length = len(message.body)
         if body_length > self.peer_max_body:
             raise MessageTooLarge(f"{body_length} bytes, the peer accepts {self.peer_max_body}")
-        if not self.can_send(message):
+        if self.state is not LinkState.OPEN or not self.sending.can_send(body_length):
             raise RuntimeError("send_message without credit or session")
         now = self.clock.seconds()
         try:
