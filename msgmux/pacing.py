@@ -71,6 +71,14 @@ class TokenBucket:
         self.tokens -= granted
         return granted
 
+    def take_all(self, wanted: float) -> bool:
+        """@return: whether C{wanted} tokens were available (then all are taken; else none)."""
+        self._refill()
+        if self.tokens < wanted:
+            return False
+        self.tokens -= wanted
+        return True
+
     def seconds_until(self, wanted: float) -> float:
         """@return: how long until C{wanted} tokens (at most the burst) are available."""
         self._refill()

@@ -7,8 +7,10 @@ In this order, because each step needs the privileges the next one drops:
 leave the spawner's session and signal handling, close every descriptor but
 standard input, output and error (the child must not hold the spawner's
 command socket), enter the link's network namespace (C{setns}, which needs
-root), take the link's user and only its group, and forbid ever gaining
-privileges again.  Then install a fresh reactor and run the tenant half
+root), lower its scheduling priority (L{NICENESS}: the control half, which
+every link shares, wins the CPU over any one tenant half, which cannot
+raise its priority back), take the link's user and only its group, and
+forbid ever gaining privileges again.  Then install a fresh reactor and run the tenant half
 until SIGTERM, which drains it as C{twistd} would.
 
 Linux only: C{setns} and C{prctl} come from the C library through
@@ -25,7 +27,12 @@ from typing import Any, TextIO
 
 from msgmux.config import TenantConfig
 
-__all__ = ["become_tenant_half", "run_tenant_half"]
+__all__ = ["NICENESS", "become_tenant_half", "run_tenant_half"]
+
+#: How much nicer than the spawner a supervised tenant half runs: a
+#: compromised half that spins costs the others, and the control half
+#: above all, less of the CPU.
+NICENESS = 5
 
 _CLONE_NEWNET = 0x40000000
 _PR_SET_PDEATHSIG = 1
@@ -93,6 +100,7 @@ def become_tenant_half(link: str, namespace_path: str, uid: int, gid: int, spawn
     os.dup2(null, 0)
     os.closerange(3, os.sysconf("SC_OPEN_MAX"))
     enter_namespace(namespace_path)
+    os.nice(NICENESS)
     drop_privileges(uid, gid)
     # Changing credentials clears the parent-death signal, so set it now;
     # if the spawner died meanwhile, nobody would ever stop this half.

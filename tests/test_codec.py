@@ -685,3 +685,36 @@ class DeferredHeadTests(SynchronousTestCase):
         [pending] = decoder.feed(_frame(MSG, _msg_payload(b"\xff", b"")), heads=False)
         self.assertRaises(FrameError, decoder.decode_head, pending)
         self.assertRaises(FrameError, decoder.feed, encode(codec.Heartbeat()))
+
+
+class HeaderNamesTests(SynchronousTestCase):
+    """
+    A decoder made with C{header_names} (the control half's, which replaces
+    a tenant's headers) keeps of the headers only which of those names are
+    present, and does not check the rest.
+    """
+
+    def decode(self, headers: Any, header_names: frozenset[str] = frozenset({"compression"})) -> Any:
+        head = cbor2.dumps([1, 0, [None, "t", None, False], {"delivery_mode": 2, "headers": headers}, None])
+        [frame] = FrameDecoder(header_names=header_names).feed(_frame(MSG, _msg_payload(head, b"body")))
+        assert isinstance(frame, MessageFrame)
+        return frame.message
+
+    def test_names_only(self) -> None:
+        """The headers become the named ones that are present; the other properties and the body are kept."""
+        message = self.decode({"compression": "application/x-gzip", "x": [[], {"y": 1}]})
+        self.assertEqual(message.properties, {"delivery_mode": 2, "headers": {"compression": True}})
+        self.assertEqual(message.body, b"body")
+        self.assertEqual(self.decode({"x": 1}).properties["headers"], {})
+
+    def test_values_not_checked(self) -> None:
+        """Values the full check refuses (here, a nested byte-string key) pass, because they are not kept."""
+        self.assertEqual(self.decode({"g": [{b"k": "v"}]}).properties["headers"], {})
+        head = cbor2.dumps([1, 0, [None, "t", None, False], {"headers": {"g": [{b"k": "v"}]}}, None])
+        self.assertRaises(FrameError, FrameDecoder().feed, _frame(MSG, _msg_payload(head)))
+
+    def test_headers_must_still_be_a_map(self) -> None:
+        """The headers property itself is still checked: a map."""
+        head = cbor2.dumps([1, 0, [None, "t", None, False], {"headers": ["compression"]}, None])
+        decoder = FrameDecoder(header_names=frozenset({"compression"}))
+        self.assertRaises(FrameError, decoder.feed, _frame(MSG, _msg_payload(head)))

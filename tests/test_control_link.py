@@ -6,11 +6,17 @@ never completes its handshake can do.
 
 from __future__ import annotations
 
+import attrs
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from msgmux.control import ControlLink, ControlLinkFactory
+from msgmux.control.factory import (
+    HEAD_BYTES_PER_MESSAGE,
+    MIN_HEAD_BYTE_RATE,
+    head_budget,
+)
 from msgmux.control.link import SESSION_BURST
 from msgmux.link import codec
 from msgmux.link.handshake import ControlLinkProtocol
@@ -135,3 +141,17 @@ class PendingConnectionTests(LinkTestCase):
         held = [e for e in events if "held back" in e.get("log_format", "")]
         self.assertEqual(len(connected), 6)
         self.assertEqual([e["count"] for e in held], [95])
+
+
+class HeadBudgetTests(LinkTestCase):
+    def test_by_message_limits(self) -> None:
+        """A link's head budget follows its message rate and burst, with a floor that lets a largest head through; its connections share it."""
+        protocol, _ = self.connect()
+        assert protocol.head_budget is not None
+        limits = self.config.links[0].limits
+        self.assertEqual(protocol.head_budget.rate, limits.max_rate * HEAD_BYTES_PER_MESSAGE)
+        self.assertEqual(protocol.head_budget.burst, limits.burst * HEAD_BYTES_PER_MESSAGE)
+        again, _ = self.connect()
+        self.assertIs(again.head_budget, protocol.head_budget)  # one budget per link, not per connection
+        slow = head_budget(attrs.evolve(limits, max_rate=1.0, burst=1), self.clock)
+        self.assertEqual((slow.rate, slow.burst), (MIN_HEAD_BYTE_RATE, codec.MAX_HEAD))

@@ -31,6 +31,7 @@ from msgmux.link.protocol import (
     MessageTooLarge,
 )
 from msgmux.message import Message, RpcAddress
+from msgmux.pacing import TokenBucket
 from tests.doubles import RecordingHandler
 
 ROUTES: dict[str, Any] = {"down": [], "up": [], "notifications_down": [], "notifications_up": []}
@@ -428,6 +429,30 @@ class ViolationTests(SynchronousTestCase):
         self.assertEqual(len(backlog), 1)
         backlog[0].func(*backlog[0].args, **backlog[0].kw)  # the next turn, alone
         self.assertEqual([seq for seq, _ in handler.received], [1, 2, 3, 4])
+
+    def test_head_budget(self) -> None:
+        """
+        With a head budget (the control half's, by the link's rate), a head
+        beyond it waits, with reading paused, until the budget has refilled
+        enough for it; heads within it do not wait.
+        """
+        clock = Clock()
+        handler = RecordingHandler()
+        control, transport = established(clock, handler)
+        control.receiving.grant(1000, 1000)
+        control.head_budget = TokenBucket(1000, 7000, clock)  # bytes per second, burst
+        big = {"headers": {"h": "x" * 6000}}
+        data = b"".join(codec.encode(MessageFrame(seq, Message(RpcAddress(None, "t"), big, b""))) for seq in (1, 2))
+        control.dataReceived(data)
+        self.assertEqual([seq for seq, _ in handler.received], [1])
+        self.assertEqual(transport.producerState, "paused")
+        clock.advance(4.0)
+        self.assertEqual([seq for seq, _ in handler.received], [1])
+        clock.advance(1.5)  # 6000 head bytes and a few more refilled
+        self.assertEqual([seq for seq, _ in handler.received], [1, 2])
+        self.assertEqual(transport.producerState, "producing")
+        control.dataReceived(msg(3))
+        self.assertEqual([seq for seq, _ in handler.received], [1, 2, 3])
 
     def test_slow_reader(self) -> None:
         """A peer that leaves more than MAX_UNREAD_OUTPUT of our output unread is disconnected with slow-reader."""

@@ -31,7 +31,7 @@ from msgmux.policy import Copy, Publication, Refusal
 from msgmux.routing import Destination
 from msgmux.stats import LinkStats
 
-__all__ = ["COMPRESSED", "IDENTITY_HEADER", "OSLO_CONTENT", "RETURN_RETRY_LIMIT", "UPSTREAM_PROPERTIES", "UpstreamChecks", "expiration_seconds"]
+__all__ = ["COMPRESSED", "HEADERS_READ", "IDENTITY_HEADER", "OSLO_CONTENT", "RETURN_RETRY_LIMIT", "UPSTREAM_PROPERTIES", "UpstreamChecks", "expiration_seconds"]
 
 #: The AMQP header carrying the link a message came up from.
 IDENTITY_HEADER = "x-msgmux-link"
@@ -49,6 +49,10 @@ UPSTREAM_PROPERTIES = frozenset(
 #: decoder from these, so anything else could make a server read other bytes
 #: than the ones msgmux checked.
 OSLO_CONTENT = {"content_type": "application/json", "content_encoding": "utf-8"}
+
+#: The only headers of a tenant's message the upstream checks read: the
+#: rest are replaced by the link's identity, so the link decodes no more.
+HEADERS_READ = frozenset({"compression"})
 
 #: Why a message compressed by kombu (oslo's kombu_compression) is refused:
 #: msgmux must read calls and replies to rewrite them, and does not

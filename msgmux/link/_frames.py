@@ -150,10 +150,14 @@ def _is_str(value: object) -> bool:
     return type(value) is str
 
 
-def decode_message(head: object, body: bytes) -> MessageFrame:
+def decode_message(head: object, body: bytes, header_names: frozenset[str] | None = None) -> MessageFrame:
     """
     @param head: the decoded CBOR head of a MSG frame.
     @param body: its body.
+    @param header_names: when given, the message's headers are neither kept
+        nor checked: they become C{True} for each of these names present
+        (a receiver that replaces the headers needs no more, and checking
+        thousands of nested values would cost it more than decoding them).
     @return: the frame, if the head is valid.
     """
     # The hot path of every relayed message: checks are inline, and error
@@ -174,7 +178,7 @@ def decode_message(head: object, body: bytes) -> MessageFrame:
             raise FrameError("MSG deadline out of range") from None
         if not math.isfinite(deadline):
             raise FrameError("MSG deadline must be finite")
-    message = Message(_decode_address(kind, address), _decode_properties(properties), body, deadline)
+    message = Message(_decode_address(kind, address), _decode_properties(properties, header_names), body, deadline)
     return MessageFrame(seq, message)
 
 
@@ -233,7 +237,7 @@ def _check_address(kind: int, address: list[Any]) -> Address:
     raise FrameError(f"bad message kind {kind!r} or address {address!r}"[:200])
 
 
-def _decode_properties(properties: Any) -> dict[str, Any]:
+def _decode_properties(properties: Any, header_names: frozenset[str] | None) -> dict[str, Any]:
     if type(properties) is not dict:
         raise FrameError("MSG properties must be a map")
     for name, value in properties.items():
@@ -247,7 +251,10 @@ def _decode_properties(properties: Any) -> dict[str, Any]:
             raise FrameError(f"message property {name} is out of range")
     headers = properties.get("headers")
     if headers:
-        _check_header_table(headers)
+        if header_names is None:
+            _check_header_table(headers)
+        else:
+            properties["headers"] = {name: True for name in header_names if name in headers}
     return properties
 
 

@@ -314,7 +314,9 @@ class FrameDecoder:
         until the handshake completes, so that no MSG body is buffered before.
     """
 
-    def __init__(self, max_body: int = DEFAULT_MAX_BODY, *, accept_welcome: bool = True) -> None:
+    def __init__(
+        self, max_body: int = DEFAULT_MAX_BODY, *, accept_welcome: bool = True, header_names: frozenset[str] | None = None
+    ) -> None:
         """
         @param max_body: the initial L{max_body}.
         @param accept_welcome: whether WELCOME frames are decoded.  The
@@ -322,9 +324,14 @@ class FrameDecoder:
             tenant half could otherwise make it decode a megabyte of CBOR
             (L{MAX_WELCOME_PAYLOAD}) per connection before the protocol
             refuses the frame.
+        @param header_names: MSG headers are not kept but reduced to these
+            names (see L{decode_message}).  The control half, which replaces
+            a tenant's headers, passes the one it looks at: a head full of
+            nested header values then costs it the CBOR decoding alone.
         """
         self.max_body = max_body
         self._limits = _LIMITS if accept_welcome else _LIMITS_WITHOUT_WELCOME
+        self._header_names = header_names
         self._buffer = bytearray()
         # One CBOR decoder and stream for every frame: building a decoder
         # with these options, or even pointing it at a new stream, costs
@@ -413,7 +420,7 @@ class FrameDecoder:
                     head_bytes = _copy(source, head_start, body_start)
                     body = _copy(source, body_start, frame_end)
                 if heads:
-                    frames.append(decode_message(self._decode_cbor(head_bytes), body))  # type: ignore[arg-type]
+                    frames.append(decode_message(self._decode_cbor(head_bytes), body, self._header_names))  # type: ignore[arg-type]
                 else:
                     frames.append(UndecodedMessage(head_bytes, body))  # type: ignore[arg-type]
             else:
@@ -436,7 +443,7 @@ class FrameDecoder:
             broken for good, as after any other bad frame.
         """
         try:
-            return decode_message(self._decode_cbor(message.head), message.body)
+            return decode_message(self._decode_cbor(message.head), message.body, self._header_names)
         except FrameError:
             self._failed = True
             raise

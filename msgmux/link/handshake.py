@@ -58,6 +58,7 @@ class ControlLinkProtocol(LinkProtocol):
         routes: Callable[[], dict[str, Any]],
         attach: Callable[[ControlLinkProtocol], SessionHandler | str],
         connected: Callable[[ControlLinkProtocol], None] = lambda protocol: None,
+        header_names: frozenset[str] | None = None,
     ) -> None:
         """
         @param routes: the link's routes as WELCOME carries them, asked at
@@ -66,11 +67,14 @@ class ControlLinkProtocol(LinkProtocol):
             none (the connection is then closed with C{busy}).
         @param connected: told of the connection and its peer credentials,
             for the (rate-limited) connection log.
+        @param header_names: the only header names of a tenant's messages
+            the control half looks at; their other headers are not even
+            checked (L{codec.FrameDecoder}).
         """
         super().__init__(clock, heartbeat, max_body)
         # The control half never takes a WELCOME: a tenant could otherwise
         # make it decode a megabyte of them on every new connection.
-        self.decoder = codec.FrameDecoder(0, accept_welcome=False)
+        self.decoder = codec.FrameDecoder(0, accept_welcome=False, header_names=header_names)
         self.link_name = link_name
         self._routes = routes
         self._attach = attach

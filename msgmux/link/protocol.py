@@ -82,6 +82,12 @@ IDLE_FRAME_BURST = 500
 FRAMES_PER_TURN = 64
 HEAD_BYTES_PER_TURN = codec.MAX_HEAD
 
+#: A connection may also be given a budget of MSG head bytes per second
+#: (L{LinkProtocol.head_budget}): a peer within its message rate could
+#: still send only largest heads of the worst kind, each costing a
+#: hundred times what an oslo message's head does.  Beyond the budget, the
+#: next head waits (reading paused) until the budget allows it.
+
 #: Body bytes we keep sent and unacknowledged at most, whatever credit the
 #: peer grants: it bounds what a peer that never reads can make us buffer.
 MAX_UNSETTLED_BYTES = 64 * 1024 * 1024
@@ -137,6 +143,8 @@ class LinkProtocol(TwistedProtocol):
         self._timers = Timers(clock)
         self._heartbeats: LoopingCall | None = None
         self._idle_frames = TokenBucket(IDLE_FRAME_RATE, IDLE_FRAME_BURST, clock)
+        #: MSG head bytes the peer may send, or None for no limit.
+        self.head_budget: TokenBucket | None = None
         self._pending_acks: list[int] = []
         self._pending_credit = (0, 0)
         self._backlog: list[Frame | UndecodedMessage] = []
@@ -310,12 +318,15 @@ class LinkProtocol(TwistedProtocol):
     def _handle_backlog(self) -> None:
         """
         Handle up to L{FRAMES_PER_TURN} frames, with heads of up to
-        L{HEAD_BYTES_PER_TURN} bytes to decode; leave the rest for the next
-        turn, and read no more meanwhile.
+        L{HEAD_BYTES_PER_TURN} bytes to decode (and within the
+        L{head_budget}); leave the rest for the next turn (or until the
+        budget allows the next head), and read no more meanwhile.
         """
         backlog = self._backlog
         done = 0
         head_bytes = 0
+        wait = 0.0
+        budget = self.head_budget
         try:
             while done < len(backlog) and done < FRAMES_PER_TURN:
                 if self.state not in (LinkState.HANDSHAKE, LinkState.OPEN):
@@ -323,9 +334,13 @@ class LinkProtocol(TwistedProtocol):
                     return
                 frame = backlog[done]
                 if type(frame) is UndecodedMessage:
-                    if head_bytes and head_bytes + len(frame.head) > HEAD_BYTES_PER_TURN:
+                    size = len(frame.head)
+                    if head_bytes and head_bytes + size > HEAD_BYTES_PER_TURN:
                         break  # it goes first next turn
-                    head_bytes += len(frame.head)
+                    if budget is not None and not budget.take_all(size):
+                        wait = budget.seconds_until(size)
+                        break  # it goes first once the budget allows
+                    head_bytes += size
                     frame = self.decoder.decode_head(frame)
                 done += 1
                 if type(frame) is MessageFrame and self.state is LinkState.OPEN:
@@ -348,7 +363,7 @@ class LinkProtocol(TwistedProtocol):
             if not self._reading_paused:
                 self._reading_paused = True
                 self.transport.pauseProducing()
-            self._timers.start("backlog", 0, self._handle_backlog)
+            self._timers.start("backlog", wait, self._handle_backlog)
         elif self._reading_paused:
             self._reading_paused = False
             self.transport.resumeProducing()

@@ -33,6 +33,7 @@ from twisted.internet import defer, threads
 from lab.fleet import TENANT_USER, Fleet, toml_table, wait_for
 from lab.peer import OsloPeer
 from msgmux.cli import fetch_status
+from msgmux.tenantchild import NICENESS
 from tests.integration.support import LabTestCase
 
 LINKS = 20
@@ -268,8 +269,9 @@ class LifecycleTests(LabTestCase):
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
 
     def assert_in_namespace(self, pid: int, namespace: str) -> None:
-        """The process runs in that network namespace, as the tenant user."""
+        """The process runs in that network namespace, as the tenant user, nicer than the control half."""
         self.assertEqual(os.stat(f"/proc/{pid}/ns/net").st_ino, os.stat(f"/run/netns/{namespace}").st_ino)
+        self.assertEqual(os.getpriority(os.PRIO_PROCESS, pid), os.getpriority(os.PRIO_PROCESS, 0) + NICENESS)
         with open(f"/proc/{pid}/status") as f:
             status = f.read()
         self.assertRegex(status, r"\nUid:\t1\t1\t1\t1\n")
