@@ -76,4 +76,4 @@ def makeService(options: Options, reactor: Any = None) -> MsgmuxService:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
-    return MsgmuxService(options.config, reactor, getattr(options, "stored_links", []))
+    return MsgmuxService(options.config, reactor, getattr(options, "stored_links", []), freeze_heap=True)

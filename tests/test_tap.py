@@ -7,6 +7,7 @@ for the real reactor, so nothing touches the network.
 
 from __future__ import annotations
 
+import gc
 import os
 
 from twisted.application.service import IService, IServiceMaker
@@ -130,6 +131,7 @@ class ServiceTests(SynchronousTestCase):
         options.parseOptions(["--config", path])
         reactor = MemoryReactorClock()
         reactor.installNameResolver(LiteralResolver())
+        self.addCleanup(gc.unfreeze)  # starting freezes the heap, which here is the test runner's
         return tap.makeService(options, reactor), reactor, socket
 
     def stop(self, service: IService, reactor: MemoryReactorClock) -> None:
@@ -157,6 +159,15 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual([(client[0], client[1]) for client in reactor.tcpClients], [("192.0.2.7", 5673)])
         self.assertEqual(reactor.unixClients, [])
         self.assertTrue(os.path.isdir(os.path.dirname(socket)))
+        self.stop(service, reactor)
+
+    def test_heap_frozen_once_started(self) -> None:
+        """What was built to start is exempt from the cycle collector from then on (gc.freeze)."""
+        gc.unfreeze()
+        service, reactor, _ = self.service(CONTROL)
+        self.assertEqual(gc.get_freeze_count(), 0)
+        service.startService()
+        self.assertGreater(gc.get_freeze_count(), 0)
         self.stop(service, reactor)
 
     def test_tenant_half(self) -> None:

@@ -28,6 +28,7 @@ from typing import Any
 
 import cbor2
 
+from msgmux.acyclic import decode_tree
 from msgmux.link._frames import (
     ACK,
     ACK_BATCH,
@@ -301,6 +302,10 @@ class UndecodedMessage:
         self.body = body
 
 
+def _decode_next(decoder: cbor2.CBORDecoder) -> Any:
+    return decoder.decode()
+
+
 class FrameDecoder:
     """
     Incremental decoder: feed it socket bytes in any pieces, get frames.
@@ -462,7 +467,7 @@ class FrameDecoder:
         """@return: the one CBOR value that is all of C{data}."""
         _point_stream(self._stream, data)
         try:
-            value = self._cbor.decode()
+            value = decode_tree(_decode_next, self._cbor)
         except FrameError:
             raise
         except Exception as e:  # CBORDecodeError, MemoryError, OverflowError, RecursionError...

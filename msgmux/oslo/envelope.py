@@ -17,6 +17,8 @@ from typing import Any
 
 import attrs
 
+from msgmux.acyclic import decode_tree
+
 __all__ = ["Envelope", "EnvelopeError", "container_count", "leading_method", "might_be_call", "parse"]
 
 OSLO_VERSION = "2.0"
@@ -110,7 +112,7 @@ def parse(body: bytes) -> Envelope:
     # utf-8): json.loads on bytes would also accept UTF-16 and UTF-32, which
     # a consumer would read differently.
     try:
-        outer = json.loads(body.decode("utf-8"))
+        outer = decode_tree(json.loads, body.decode("utf-8"))
     except (ValueError, RecursionError) as e:
         raise EnvelopeError(f"body is not UTF-8 JSON: {e}"[:200]) from None
     if type(outer) is not dict:
@@ -121,7 +123,7 @@ def parse(body: bytes) -> Envelope:
     if type(text) is not str:
         raise EnvelopeError("oslo.message is not a JSON string")
     try:
-        inner = json.loads(text)
+        inner = decode_tree(json.loads, text)
     except (ValueError, RecursionError) as e:
         raise EnvelopeError(f"oslo.message is not JSON: {e}"[:200]) from None
     if type(inner) is not dict:
