@@ -19,7 +19,6 @@ import json
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import sys
 from typing import Any
@@ -29,6 +28,7 @@ from twisted.internet import task
 
 from lab.lab import TWISTD, HalfProcess, Lab
 from lab.rabbit import Namespace
+from msgmux.linkcli import exchange
 
 #: The control half runs as CONTROL_USER:CONTROL_GROUP; the tenant halves as
 #: TENANT_USER:TENANT_GROUP.  The link sockets live in a set-group-ID
@@ -176,18 +176,8 @@ stop_timeout = 10.0
     # --- talking to the control half -------------------------------------------
 
     def admin(self, request: dict[str, Any], timeout: float = 120) -> dict[str, Any]:
-        """One admin socket request (blocking; run it in a thread)."""
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(timeout)
-            s.connect(f"{self.run}/admin.sock")
-            s.sendall(json.dumps(request).encode() + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        return json.loads(data)  # type: ignore[no-any-return]
+        """One admin socket request (blocking; run it in a thread); @return: the answer, ok or not."""
+        return exchange(f"{self.run}/admin.sock", request, timeout)
 
     def cli(self, *arguments: str) -> subprocess.CompletedProcess[str]:
         """Run C{msgmux link --socket ADMIN ...} (blocking)."""

@@ -30,7 +30,7 @@ from typing import Any, TextIO
 
 from msgmux.config import ConfigError, load
 
-__all__ = ["DEFAULT_ADMIN_SOCKET", "add_arguments", "request", "run"]
+__all__ = ["DEFAULT_ADMIN_SOCKET", "add_arguments", "exchange", "request", "run"]
 
 DEFAULT_ADMIN_SOCKET = "/run/msgmux/admin.sock"
 #: Removing a link waits for it to drain, and its tenant half to stop.
@@ -67,6 +67,20 @@ def request(path: str, message: dict[str, Any], timeout: float = TIMEOUT) -> dic
     @raise LinkCommandError: when the socket cannot be reached or the
         request was refused (with the control half's reason).
     """
+    answer = exchange(path, message, timeout)
+    if not answer.get("ok"):
+        raise LinkCommandError(str(answer.get("error")))
+    return answer
+
+
+def exchange(path: str, message: dict[str, Any], timeout: float = TIMEOUT) -> dict[str, Any]:
+    """
+    Send one request to the admin socket at C{path}.
+
+    @return: the answer, whether it says C{"ok"} or not.
+    @raise LinkCommandError: when the socket cannot be reached or does not
+        answer.
+    """
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
@@ -82,10 +96,7 @@ def request(path: str, message: dict[str, Any], timeout: float = TIMEOUT) -> dic
         raise LinkCommandError(f"cannot reach the admin socket {path}: {e.strerror or e}") from None
     if not data:
         raise LinkCommandError(f"the admin socket {path} closed without an answer")
-    answer = json.loads(data)
-    if not answer.get("ok"):
-        raise LinkCommandError(str(answer.get("error")))
-    return answer  # type: ignore[no-any-return]
+    return json.loads(data)  # type: ignore[no-any-return]
 
 
 def _admin_socket(arguments: argparse.Namespace) -> str:
