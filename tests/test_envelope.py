@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from msgmux.oslo import envelope
 from msgmux.oslo.envelope import Envelope, EnvelopeError, might_be_call, parse
 
 #: JSON values as oslo arguments carry them (no floats: NaN never compares equal).
@@ -263,3 +264,33 @@ class MightBeCallTests(SynchronousTestCase):
             data = body(inner)
             self.assertTrue(parse(data).is_call)
             self.assertTrue(might_be_call(data))
+
+
+class ContainerCountTests(SynchronousTestCase):
+    """L{envelope.container_count}: a bound on what parsing a body would build."""
+
+    def test_counts_opening_brackets(self) -> None:
+        """Every [ and { counts, inside strings too (it is a bound, not a parse)."""
+        body = b'{"a": [1, {"b": "[{"}], "c": []}'
+        self.assertEqual(envelope.container_count(body), 6)
+        self.assertEqual(envelope.container_count(body, most=6), 6)
+
+    @given(st.binary(max_size=2000), st.integers(min_value=0, max_value=3000), st.integers(min_value=1, max_value=50))
+    def test_same_answer_to_the_question_asked(self, body: bytes, most: int, chunk: int) -> None:
+        """With a limit the count may stop early (here in chunks of a few bytes), but whether it passes the limit does not change."""
+        original = envelope._COUNT_CHUNK
+        envelope._COUNT_CHUNK = chunk
+        try:
+            full = envelope.container_count(body)
+            limited = envelope.container_count(body, most)
+        finally:
+            envelope._COUNT_CHUNK = original
+        self.assertEqual(limited > most, full > most)
+        self.assertLessEqual(limited, full)
+
+    def test_stops_once_past_the_limit(self) -> None:
+        """A body of millions of empty lists is not scanned to its end once the limit is passed."""
+        body = b"[" + b"[]," * 2_000_000 + b"[]]"
+        limited = envelope.container_count(body, 100_000)
+        self.assertGreater(limited, 100_000)
+        self.assertLess(limited, envelope.container_count(body))

@@ -166,7 +166,7 @@ class UpstreamChecks:
         could cost more than any oslo message should.
         """
         most = self.config.limits.max_json_containers
-        if envelope.container_count(body) > most:
+        if envelope.container_count(body, most) > most:
             raise Refusal("too-complex", f"more than {most} JSON arrays and objects")
         try:
             return envelope.parse(body)
