@@ -237,6 +237,9 @@ class Relay:
             self._refuse(seq, len(message.body), refusal.reason, refusal.detail)
             return
         except Copy as copy:
+            # The policy and the copies are of this session and learn of
+            # every original together (below, and in _published/_refused),
+            # so an original is always found; the refusal is for a bug.
             if not self._copies.wait(copy.identity, seq, len(message.body)):
                 self._log.error("Link {link}: a copy of a message not in flight; refusing it", link=self.stats.link_name)
                 self._refuse(seq, len(message.body), "internal", "copy of a message not in flight")

@@ -276,6 +276,7 @@ class MsgmuxService(Service):
             self._metrics_port = listen_now(endpoint, MetricsSite(self.collector))
         self._notify_when_ready()
         if self._freeze_heap:
+            gc.collect()  # what start-up left behind is not frozen for good
             gc.freeze()
 
     def _notify_when_ready(self) -> None:

@@ -45,17 +45,19 @@ class DecodeTreeTests(SynchronousTestCase):
         self.assertFalse(gc.isenabled())
 
     def test_the_decoders_use_it(self) -> None:
-        """MSG heads and oslo bodies are decoded with the collector paused."""
+        """MSG heads, other frames and oslo bodies are decoded with the collector paused."""
         gc.enable()
+        decoder = codec.FrameDecoder()
         calls: list[bool] = []
-        original = codec._decode_next
+        decode_cbor = decoder._decode_cbor
 
-        def observed(decoder: Any) -> Any:
+        def observed(data: bytes) -> Any:
             calls.append(gc.isenabled())
-            return original(decoder)
+            return decode_cbor(data)
 
-        self.patch(codec, "_decode_next", observed)
-        codec.FrameDecoder().feed(codec.encode(codec.MessageFrame(1, Message(CanaryAddress(), {}, b""))))
+        self.patch(decoder, "_decode_cbor", observed)
+        frames = [codec.MessageFrame(1, Message(CanaryAddress(), {}, b"")), codec.Credit(1, 2)]
+        decoder.feed(b"".join(codec.encode(frame) for frame in frames))
         loads: list[bool] = []
         json_loads = json.loads
 
@@ -65,4 +67,5 @@ class DecodeTreeTests(SynchronousTestCase):
 
         self.patch(envelope.json, "loads", observed_loads)
         envelope.parse(b'{"oslo.version": "2.0", "oslo.message": "{}"}')
-        self.assertEqual((calls, loads), ([False], [False, False]))
+        self.assertEqual((calls, loads), ([False, False], [False, False]))
+        self.assertTrue(gc.isenabled())

@@ -304,6 +304,30 @@ class ChannelTableTests(SynchronousTestCase):
         protocol.forget_channel(old)
         self.assert_registered(protocol, new)
 
+    def test_in_the_order_txamqp_reports_it(self) -> None:
+        """
+        txAMQP first fails the method pending on the channel, whose caller
+        may forget the channel and open another on the same number at once,
+        and only then reports the broker's close: the new channel stays.
+        """
+        protocol, _, _ = make_protocol()
+        del protocol.fast_channels[1]
+        old = Channel(protocol, AMQChannel(1, protocol.outgoing, protocol))
+        protocol.channels[1] = old.txamqp_channel
+        protocol.fast_channels[1] = old
+        reopened: list[Channel] = []
+
+        def reopen(failure: Failure) -> None:
+            protocol.forget_channel(old)
+            new = Channel(protocol, AMQChannel(1, protocol.outgoing, protocol))
+            protocol.channels[1] = new.txamqp_channel
+            protocol.fast_channels[1] = new
+            reopened.append(new)
+
+        old.txamqp_channel.responses.get().addErrback(reopen)  # what a synchronous method awaits
+        old.txamqp_channel.do_close(ChannelLost("closed by the broker"))
+        self.assert_registered(protocol, reopened[0])
+
     def test_failure_of_the_registered_channel(self) -> None:
         """The broker's close of the channel that holds the number frees the number."""
         protocol, _, new = self.reuse_number()

@@ -154,6 +154,7 @@ class UpstreamTests(PolicyTestCase):
         self.assertEqual((destination.exchange, destination.routing_key, destination.mandatory), ("", "reply_caller", True))
         self.assertEqual(publication.retry_until, self.clock.seconds() + 10)
         self.clock.advance(11)
+        self.policy.publish_failed(publication)  # the first never reached the caller; another comes too late
         self.assertEqual(self.refused(self.up(ReplyAddress(), oslo_body({"_msg_id": token, "ending": True}))), "late-reply")
 
     def test_one_final_reply_per_call(self) -> None:

@@ -454,6 +454,16 @@ class ViolationTests(SynchronousTestCase):
         control.dataReceived(msg(3))
         self.assertEqual([seq for seq, _ in handler.received], [1, 2, 3])
 
+    def test_head_budget_not_spent_before_the_handshake(self) -> None:
+        """A MSG before HELLO closes the connection without being decoded or charged to the link's head budget."""
+        clock = Clock()
+        control, _ = control_end(clock)
+        control.head_budget = budget = TokenBucket(1000, 8192, clock)
+        big = {"headers": {"h": "x" * 6000}}
+        control.dataReceived(codec.encode(MessageFrame(1, Message(RpcAddress(None, "t"), big, b""))))
+        self.assertEqual(control.close_code, "unexpected-frame")
+        self.assertEqual(budget.tokens, 8192)
+
     def test_slow_reader(self) -> None:
         """A peer that leaves more than MAX_UNREAD_OUTPUT of our output unread is disconnected with slow-reader."""
         clock = Clock()

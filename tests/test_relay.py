@@ -340,3 +340,16 @@ class CopyTests(SynchronousTestCase):
         self.assertEqual(inner_of(body)["result"], 1)
         confirm(self.protocol, 1, 1)
         self.assertEqual(self.connection.acknowledged, [1, 2])
+
+    def test_late_copy_of_a_final_reply(self) -> None:
+        """A copy of a final reply that arrives after the call's deadline still waits for the first, not refused before it."""
+        token = self.signer.issue("tenant-a", "down", "m9", "reply_caller", self.clock.seconds() + 30)
+        self.calls.begin(token, self.clock.seconds() + 30, "down")
+        self.relay.channel_ready(self.channel)
+        body = oslo_body({"_msg_id": token, "result": 1, "ending": True})
+        self.relay.message_received(1, Message(ReplyAddress(None), dict(OSLO_PROPERTIES), body))
+        self.clock.advance(31)
+        self.relay.message_received(2, Message(ReplyAddress(None), dict(OSLO_PROPERTIES), body))
+        self.assertEqual((self.connection.acknowledged, self.connection.refused), ([], []))
+        confirm(self.protocol, 1, 1)
+        self.assertEqual(self.connection.acknowledged, [1, 2])

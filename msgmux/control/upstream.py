@@ -241,16 +241,16 @@ class UpstreamChecks:
     def _reply(self, properties: dict[str, Any], body: bytes) -> Publication | None:
         reply = self._parse(body)
         token = self.rewriter.reply(reply, "down")
-        if self.clock.seconds() >= token.deadline:
-            raise Refusal("late-reply", "reply after the call's deadline")
         msg_id = reply.msg_id or ""
         ending = bool(reply.inner.get("ending"))
         if msg_id in self.memory.answered_calls:
             raise _Duplicate()  # a redelivered final reply, or a second answer
         if ("answers", msg_id) in self.in_flight:
             if ending:
-                raise Copy(("answers", msg_id))
+                raise Copy(("answers", msg_id))  # even if late: it ends as the first does
             raise _Duplicate()  # a heartbeat after the answer
+        if self.clock.seconds() >= token.deadline:
+            raise Refusal("late-reply", "reply after the call's deadline")
         if ending:
             self.rewriter.answered(msg_id)
         retry_until = min(token.deadline, self.clock.seconds() + RETURN_RETRY_LIMIT)

@@ -302,10 +302,6 @@ class UndecodedMessage:
         self.body = body
 
 
-def _decode_next(decoder: cbor2.CBORDecoder) -> Any:
-    return decoder.decode()
-
-
 class FrameDecoder:
     """
     Incremental decoder: feed it socket bytes in any pieces, get frames.
@@ -425,7 +421,7 @@ class FrameDecoder:
                     head_bytes = _copy(source, head_start, body_start)
                     body = _copy(source, body_start, frame_end)
                 if heads:
-                    frames.append(decode_message(self._decode_cbor(head_bytes), body, self._header_names))  # type: ignore[arg-type]
+                    frames.append(self._decode_message(head_bytes, body))  # type: ignore[arg-type]
                 else:
                     frames.append(UndecodedMessage(head_bytes, body))  # type: ignore[arg-type]
             else:
@@ -448,7 +444,7 @@ class FrameDecoder:
             broken for good, as after any other bad frame.
         """
         try:
-            return decode_message(self._decode_cbor(message.head), message.body, self._header_names)
+            return self._decode_message(message.head, message.body)
         except FrameError:
             self._failed = True
             raise
@@ -463,11 +459,22 @@ class FrameDecoder:
             return FrameError(f"{NAMES[code]} frames are not accepted here")
         return FrameError(f"unknown frame type {code}")
 
+    def _decode_message(self, head: bytes, body: bytes) -> MessageFrame:
+        """
+        A MSG from its head and body, with the cycle collector paused until
+        the headers it does not keep are dropped (L{decode_tree}).
+        """
+        return decode_tree(self._message_from_head, (head, body))
+
+    def _message_from_head(self, parts: tuple[bytes, bytes]) -> MessageFrame:
+        head, body = parts
+        return decode_message(self._decode_cbor(head), body, self._header_names)
+
     def _decode_cbor(self, data: bytes) -> Any:
         """@return: the one CBOR value that is all of C{data}."""
         _point_stream(self._stream, data)
         try:
-            value = decode_tree(_decode_next, self._cbor)
+            value = self._cbor.decode()
         except FrameError:
             raise
         except Exception as e:  # CBORDecodeError, MemoryError, OverflowError, RecursionError...
@@ -479,7 +486,7 @@ class FrameDecoder:
     def _decode_fields(self, code: int, payload: bytes) -> Frame:
         if code == HEARTBEAT:
             return _HEARTBEAT
-        fields = self._decode_cbor(payload)
+        fields = decode_tree(self._decode_cbor, payload)
         decoder, count = FIELD_DECODERS[code]
         if type(fields) is not list or len(fields) != count:
             raise FrameError(f"{NAMES[code]} payload must be an array of {count} fields")

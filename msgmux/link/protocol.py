@@ -334,6 +334,11 @@ class LinkProtocol(TwistedProtocol):
                     return
                 frame = backlog[done]
                 if type(frame) is UndecodedMessage:
+                    if self.state is not LinkState.OPEN:
+                        # Neither decoded nor charged to the link's head
+                        # budget: a connection still in its handshake must
+                        # not spend what the link's session may use.
+                        raise ProtocolViolation("unexpected-frame", f"MessageFrame in state {self.state.value}")
                     size = len(frame.head)
                     if head_bytes and head_bytes + size > HEAD_BYTES_PER_TURN:
                         break  # it goes first next turn
