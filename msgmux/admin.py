@@ -30,10 +30,11 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
+from msgmux.control.listener import UnsafeSocketDirectory, check_socket_directory
 from msgmux.link.handshake import peer_credentials
 from msgmux.linkadmin import AdminError, LinkAdmin
 
-__all__ = ["AdminFactory", "AdminProtocol", "listen_admin", "peer_groups"]
+__all__ = ["AdminFactory", "AdminProtocol", "check_admin_directory", "listen_admin", "peer_groups"]
 
 #: Linux's SO_PEERGROUPS (since 4.13); Python's socket module lacks the name.
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
@@ -176,12 +177,21 @@ def listen_admin(reactor: Any, path: str, factory: AdminFactory) -> Any:
     Bind the admin socket: mode 0660, owned by root (when we are root) and
     the admin group.  Call while still root.
 
+    Whoever could write in its directory could plant a socket of their own
+    there and be sent the tenant broker passwords of every C{msgmux link
+    add}, or plant its lock and keep msgmux from starting: the directory is
+    checked as a link socket's is.  As root, before twistd drops to msgmux's
+    user, only who may write it is checked here; L{check_admin_directory}
+    checks its owner once msgmux runs as itself.
+
     @return: the listening port.
     @raise OSError: when the directory is missing or binding fails.
+    @raise UnsafeSocketDirectory: when others can write in the directory.
     """
     directory = os.path.dirname(path) or "."
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"admin_socket: directory {directory} does not exist")
+    check_admin_directory(path, owners=os.geteuid() != 0)
     previous = os.umask(0o177)  # Twisted chmods only after binding
     try:
         port = reactor.listenUNIX(path, factory, mode=0o660, wantPID=True)
@@ -193,3 +203,16 @@ def listen_admin(reactor: Any, path: str, factory: AdminFactory) -> Any:
         except PermissionError:
             Logger().warn("Admin socket {path}: cannot give it to group {gid}", path=path, gid=factory.admin_gid)
     return port
+
+
+def check_admin_directory(path: str, owners: bool = True) -> None:
+    """
+    Refuse an admin socket whose directory others could write (or, with
+    C{owners}, that is owned by anyone but root or msgmux's user).
+
+    @raise UnsafeSocketDirectory: naming the C{admin_socket} key.
+    """
+    try:
+        check_socket_directory(os.path.dirname(path) or ".", owners=owners)
+    except UnsafeSocketDirectory as e:
+        raise UnsafeSocketDirectory(f"admin_socket: {e}") from None

@@ -21,8 +21,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
-from msgmux.admin import AdminFactory, listen_admin
+from msgmux.admin import AdminFactory, check_admin_directory, listen_admin
 from msgmux.config import ControlConfig, LinkConfig
+from msgmux.control.listener import UnsafeSocketDirectory
 from msgmux.linkadmin import ControlHalfLike, LinkAdmin
 from msgmux.linkstore import LinkStore, StoredLink
 from msgmux.spawnerclient import SpawnerProcess, SupervisorChannel
@@ -101,6 +102,15 @@ class ControlLifecycle:
     def start(self) -> None:
         """Serve the stored links and start the supervised halves (after the control half started)."""
         self.privileged_start()
+        if self._admin_port is not None and self.config.admin_socket is not None:
+            # Bound as root, before msgmux knew the user it runs as: its
+            # directory's owner is checked now, and the start refused.
+            try:
+                check_admin_directory(self.config.admin_socket)
+            except UnsafeSocketDirectory:
+                self._admin_port.stopListening()
+                self._admin_port = None
+                raise
         if self.spawner is not None and os.geteuid() == 0:
             self._log.warn(
                 "The control half still runs as root: start it with twistd --uid/--gid so that only the spawner keeps root"

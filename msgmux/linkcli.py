@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import sys
 import tomllib
 from typing import Any, TextIO
 
 from msgmux.config import ConfigError, load
+from msgmux.control.listener import UnsafeSocketDirectory, check_socket_directory
 
 __all__ = ["DEFAULT_ADMIN_SOCKET", "add_arguments", "exchange", "request", "run"]
 
@@ -79,8 +81,15 @@ def exchange(path: str, message: dict[str, Any], timeout: float = TIMEOUT) -> di
 
     @return: the answer, whether it says C{"ok"} or not.
     @raise LinkCommandError: when the socket cannot be reached or does not
-        answer.
+        answer, or sits in a directory others can write (the socket there
+        may be anyone's, and a request may hold a tenant broker password).
     """
+    try:
+        check_socket_directory(os.path.dirname(path) or ".", owners=False)
+    except UnsafeSocketDirectory as e:
+        raise LinkCommandError(f"not sending to the admin socket {path}: {e}") from None
+    except OSError as e:
+        raise LinkCommandError(f"cannot reach the admin socket {path}: {e.strerror or e}") from None
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)

@@ -14,11 +14,12 @@ import tempfile
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.testing import StringTransport
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from msgmux.admin import AdminFactory, authorize, peer_groups
+from msgmux.admin import AdminFactory, authorize, check_admin_directory, listen_admin, peer_groups
 from msgmux.config import parse
+from msgmux.control.listener import UnsafeSocketDirectory
 from msgmux.linkadmin import LinkAdmin
 from msgmux.linkstore import LinkStore
 from tests.test_linkadmin import CONTROL, FakeControlHalf, r1
@@ -132,3 +133,61 @@ class AdminProtocolTests(SynchronousTestCase):
         protocol.dataReceived(b"x" * (300 * 1024))
         self.assertIn(b"request longer than", transport.value())
         self.assertTrue(transport.disconnecting)
+
+
+class AdminDirectoryTests(SynchronousTestCase):
+    """
+    Whoever can write in the admin socket's directory could plant a socket
+    of their own there and be sent the tenant broker passwords of every
+    C{msgmux link add}, or plant the socket's lock and keep msgmux from
+    starting.
+    """
+
+    def directory(self, mode: int) -> str:
+        path = tempfile.mkdtemp(prefix="msgmux-test-")
+        self.addCleanup(shutil.rmtree, path)
+        os.chmod(path, mode)
+        return path
+
+    def factory(self, directory: str) -> AdminFactory:
+        config = parse(CONTROL.format(directory=directory)).control
+        assert config is not None
+        admin = LinkAdmin(
+            FakeControlHalf(config),
+            LinkStore(os.path.join(directory, "links.json")),
+            None,
+            [],
+            defer.DeferredLock().run,
+            lambda f, *a: defer.maybeDeferred(f, *a),
+        )
+        return AdminFactory(admin, None)
+
+    def test_writable_by_others_is_not_bound(self) -> None:
+        """A directory others can write is refused before anything is bound, naming the key."""
+        directory = self.directory(0o777)
+        os.symlink("1", os.path.join(directory, "admin.sock.lock"))
+        reactor = MemoryReactor()
+        path = os.path.join(directory, "admin.sock")
+        error = self.assertRaises(UnsafeSocketDirectory, listen_admin, reactor, path, self.factory(directory))
+        self.assertIn(f"admin_socket: {directory} is writable by group or others", str(error))
+        self.assertEqual(reactor.unixServers, [])
+
+    def test_private_directory_is_bound(self) -> None:
+        """A directory only its owner can write is bound, with the socket's mode."""
+        directory = self.directory(0o750)
+        reactor = MemoryReactor()
+        listen_admin(reactor, os.path.join(directory, "admin.sock"), self.factory(directory))
+        [(path, _, _, mode, _)] = reactor.unixServers
+        self.assertEqual((path, mode), (os.path.join(directory, "admin.sock"), 0o660))
+
+    def test_owner_checked_unless_told_not_to(self) -> None:
+        """Another user's directory is refused; root, before it knows msgmux's user, checks only who may write it."""
+        if os.geteuid() != 0:
+            raise SkipTest("needs root to give a directory to another user")
+        directory = self.directory(0o750)
+        os.chown(directory, 4242, -1)
+        path = os.path.join(directory, "admin.sock")
+        error = self.assertRaises(UnsafeSocketDirectory, check_admin_directory, path)
+        self.assertIn("admin_socket:", str(error))
+        self.assertIn("owned by uid 4242", str(error))
+        check_admin_directory(path, owners=False)

@@ -13,9 +13,10 @@ import tempfile
 import attrs
 from prometheus_client import CollectorRegistry, generate_latest
 from twisted.internet.testing import StringTransport
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from msgmux.config import load
+from msgmux.control.listener import UnsafeSocketDirectory
 from msgmux.service import MsgmuxService
 from msgmux.spawnproto import Ready, Start, Started, decode_command, encode
 from tests.test_spawnerclient import ProcessReactor
@@ -72,6 +73,26 @@ class LifecycleServiceTests(SynchronousTestCase):
         self.addCleanup(self.service.stopService)
         self.assertEqual(self.supervisor.status()[0]["state"], "waiting-for-namespace")
         self.assertEqual(len(self.reactor.spawned), 1)  # not started twice
+
+    def test_admin_directory_owned_by_another_user(self) -> None:
+        """
+        Bound as root before twistd drops to msgmux's user, the admin
+        socket's directory has its owner checked once msgmux runs as itself:
+        another user's directory ends the start, naming the key.
+        """
+        if os.geteuid() != 0:
+            raise SkipTest("needs root to give a directory to another user")
+        admin = os.path.join(self.directory, "admin")
+        os.mkdir(admin, 0o750)
+        os.chown(admin, 4242, -1)
+        with open(self.path, "w") as f:
+            f.write(CONFIG.format(directory=self.directory).replace(f"{self.directory}/admin.sock", f"{admin}/admin.sock"))
+        service = MsgmuxService(load(self.path), self.reactor)
+        service.privilegedStartService()
+        self.assertEqual([server[0] for server in self.reactor.unixServers], [f"{admin}/admin.sock"])
+        error = self.assertRaises(UnsafeSocketDirectory, service.startService)
+        self.addCleanup(service.stopService)
+        self.assertEqual(str(error), f"admin_socket: {admin} is owned by uid 4242, not by root or msgmux (uid 0)")
 
     def test_start_command_reaches_the_spawner(self) -> None:
         """A supervised start goes out over the spawner's socket with the link's tenant table."""

@@ -115,6 +115,18 @@ class LinkCommandTests(SynchronousTestCase):
         self.assertEqual(run(self.arguments("list"), io.StringIO()), 1)
         self.assertIn("cannot reach the admin socket", err.getvalue())
 
+    def test_socket_others_could_plant(self) -> None:
+        """A socket in a directory others can write may be anyone's: nothing is sent to it."""
+        os.chmod(self.directory, 0o777)
+        server = FakeAdminSocket(self.socket, [])
+        self.addCleanup(server.close)
+        err = io.StringIO()
+        self.patch(sys, "stderr", err)
+        self.assertEqual(run(self.arguments("add", "-"), io.StringIO(), io.StringIO('name = "r1"\nsocket = "/run/r1.sock"\n')), 1)
+        unsafe = f"{self.directory} is writable by group or others"
+        self.assertIn(f"not sending to the admin socket {self.socket}: {unsafe}", err.getvalue())
+        self.assertEqual(server.requests, [])
+
     def test_list(self) -> None:
         links = [
             {"link": "static", "origin": "config", "status": {"up": True, "healthy": True}},

@@ -38,17 +38,21 @@ class UnsafeSocketDirectory(Exception):
     """The socket's directory, or one above it, is not safe from other users."""
 
 
-def check_socket_directory(directory: str, euid: int | None = None) -> None:
+def check_socket_directory(directory: str, euid: int | None = None, *, owners: bool = True) -> None:
     """
-    @param directory: where a link socket is to be bound.
+    @param directory: where a link socket (or the admin socket) is to be bound.
     @param euid: the user msgmux runs as (default: this process's).
+    @param owners: whether to check who owns the directories as well as who
+        may write them.  Root binding a socket before twistd drops to
+        msgmux's user cannot know that user yet: it checks the modes only,
+        and the owners once it runs as msgmux.
     @raise UnsafeSocketDirectory: naming the directory and what is wrong.
     """
     euid = os.geteuid() if euid is None else euid
     trusted = {0, euid}
     path = os.path.abspath(directory)
     own = os.stat(path)
-    if own.st_uid not in trusted:
+    if owners and own.st_uid not in trusted:
         raise UnsafeSocketDirectory(f"{path} is owned by uid {own.st_uid}, not by root or msgmux (uid {euid})")
     if own.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise UnsafeSocketDirectory(f"{path} is writable by group or others (mode {stat.S_IMODE(own.st_mode):04o}); make it 0750 or stricter")
@@ -56,7 +60,7 @@ def check_socket_directory(directory: str, euid: int | None = None) -> None:
     while parent != path:
         path, parent = parent, os.path.dirname(parent)
         info = os.stat(path)
-        if info.st_uid not in trusted:
+        if owners and info.st_uid not in trusted:
             raise UnsafeSocketDirectory(f"{path} (above the socket) is owned by uid {info.st_uid}, not by root or msgmux")
         if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not info.st_mode & stat.S_ISVTX:
             raise UnsafeSocketDirectory(f"{path} (above the socket) is writable by group or others without the sticky bit")
