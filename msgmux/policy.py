@@ -41,7 +41,6 @@ REJECT_REASONS = frozenset(
         "inflight",
         "unsolicited-reply",
         "late-reply",
-        "undeliverable",
         "poison",
         "internal",
     )
