@@ -7,9 +7,10 @@ msgmux goes below the public API of its dependencies in two spots, each for
 a measured reason: the AMQP hot path (L{msgmux.amqp.protocol}) takes frames
 away from txAMQP and must still hand the others back and keep txAMQP's
 channel table straight; the write-through path (L{msgmux._writethrough})
-sends on an idle socket without waiting for the reactor.  Code elsewhere
-reaches these details only through the functions below, and
-L{RELIED_ON} names each of them with the reason, so that
+sends on an idle socket without waiting for the reactor.  Those two
+modules use some of these details directly, where a function would cost a
+call per frame; the rest reach them through the functions below.
+L{RELIED_ON} names every one of them with the reason, so that
 C{tests.test_private_apis} fails loudly when a Twisted or txAMQP upgrade
 renames or removes one, instead of msgmux misbehaving subtly.  setup.py
 bounds the versions these were checked against.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_linkstore -*-
+# -*- test-case-name: tests.test_linkadmin -*-
 """
 The state file: links added at run time, kept across restarts.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_spawnproto -*-
+# -*- test-case-name: tests.test_spawner,tests.test_spawnerclient -*-
 """
 What the control half and the privileged spawner say to each other.
 

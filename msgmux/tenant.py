@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_tenant -*-
+# -*- test-case-name: tests.test_relay -*-
 """
 The tenant half: runs inside the tenant network, next to the tenant broker.
 

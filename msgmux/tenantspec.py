@@ -154,7 +154,7 @@ def read_tenant_spec(
         table.
     @param read_broker: L{msgmux.config}'s reader of broker keys
         (C{transport_url}, C{exchange}, C{heartbeat}, C{prefetch},
-        C{queues}), the same as for C{[tenant]}.
+        C{login_method}, C{queues}, C{tls}), the same as for C{[tenant]}.
     @param table: the table itself, kept in the result.
     @raise ConfigError: naming the key.
     """

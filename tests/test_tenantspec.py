@@ -6,8 +6,11 @@ C{state_file} (L{msgmux.tenantspec}, L{msgmux.config}).
 
 from __future__ import annotations
 
+import os
+
 from twisted.trial.unittest import SynchronousTestCase
 
+from lab.pki import make_pki
 from msgmux.config import ConfigError, SupervisionConfig, parse, supervised_tenant
 
 BASE = """
@@ -51,6 +54,24 @@ class TenantTableTests(SynchronousTestCase):
         self.assertEqual(spec.table["transport_url"], "rabbit://t:secret@127.0.0.1:5673/v")
         self.assertNotIn("secret", repr(spec))
         self.assertEqual(control.supervision, SupervisionConfig(users=("nobody",), groups=("nogroup",)))
+
+    def test_tls_and_certificate_login(self) -> None:
+        """A tenant broker reached over TLS with the client certificate: read by the control half and by the spawner alike."""
+        pki = make_pki(os.path.abspath(self.mktemp()))
+        tls = f'login_method = "EXTERNAL"\n[control.links.tenant.tls]\nca_file = "{pki.ca}"\n'
+        tls += f'cert_file = "{pki.cert("client")}"\nkey_file = "{pki.key("client")}"\n'
+        control = parse(config(tenant=tls).replace("rabbit://t:secret@127.0.0.1:5673/v", "rabbit://127.0.0.1:5671/v?ssl=1")).control
+        assert control is not None and control.supervision is not None
+        spec = control.links[0].tenant
+        assert spec is not None and spec.broker.tls is not None
+        self.assertEqual((spec.broker.login_method, spec.broker.tls.cert_file), ("EXTERNAL", pki.cert("client")))
+        again, half = supervised_tenant("r1", "/run/msgmux/r1.sock", spec.table, control.supervision, "admin request")
+        self.assertEqual((again.broker, half.broker), (spec.broker, spec.broker))
+
+    def test_certificate_login_needs_the_certificate(self) -> None:
+        error = self.error(config(tenant='login_method = "EXTERNAL"'))
+        self.assertIn("control.links[0].tenant.login_method", str(error))
+        self.assertIn("set tls.cert_file and tls.key_file", str(error))
 
     def test_errors_name_the_key(self) -> None:
         cases = [

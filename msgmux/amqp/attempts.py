@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_attempts -*-
+# -*- test-case-name: tests.test_tls -*-
 """
 Failed connection attempts to a broker: why, how often, and one log line
 per episode.

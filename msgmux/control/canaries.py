@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_canaries -*-
+# -*- test-case-name: tests.test_control_policy -*-
 """
 Canaries: a link is healthy when messages move, not when sockets are up.
 
