@@ -232,6 +232,47 @@ class InboundTests(RelayTestCase):
         self.assertEqual(self.connection.refused, [(1, "malformed")])
 
 
+class DrainTests(RelayTestCase):
+    """A link removed at run time, or msgmux stopping, drains the session: what is in flight settles first."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.protocol.fast_channels.clear()
+        self.channel = open_channel(self.protocol)
+        self.consumers = {consumer.queue: consumer for consumer in self.relay.consumers(self.channel)}
+
+    def drain(self, timeout: float) -> defer.Deferred[None]:
+        return defer.Deferred.fromCoroutine(self.relay.drain(timeout))
+
+    def test_waits_for_the_broker_then_closes(self) -> None:
+        """The session closes only once what the peer sent is confirmed by the broker and acknowledged."""
+        self.successResultOf(defer.Deferred.fromCoroutine(self.channel.select_confirms()))
+        self.relay.channel_ready(self.channel)
+        self.relay.message_received(1, Message(RpcAddress(None, "l3_agent"), {}, b"one"))
+        drained = self.drain(5.0)
+        self.clock.pump([0.05] * 20)
+        self.assertNoResult(drained)
+        self.assertIsNone(self.connection.closed)
+        confirm(self.protocol, 1, 1)
+        self.assertEqual(self.connection.acknowledged, [1])
+        self.clock.advance(0.05)
+        self.successResultOf(drained)
+        self.assertEqual(self.connection.closed, ("shutdown", "msgmux is stopping"))
+
+    def test_unsettled_at_the_timeout_is_left_to_the_broker(self) -> None:
+        """A delivery the peer has not settled by the timeout is neither acked nor rejected: the channel's close requeues it."""
+        self.connection.messages = 1
+        self.deliver("q-reports", b"a", 1)
+        self.assertEqual(len(self.connection.sent), 1)
+        drained = self.drain(2.0)
+        self.clock.pump([0.05] * 39)
+        self.assertNoResult(drained)
+        self.clock.pump([0.05] * 2)
+        self.successResultOf(drained)
+        self.assertEqual(self.connection.closed, ("shutdown", "msgmux is stopping"))
+        self.assertEqual(self.settled(), [])
+
+
 class CopyTests(SynchronousTestCase):
     """
     The control half's relay when the tenant broker redelivers messages the
