@@ -22,7 +22,8 @@ from msgmux.config import parse
 from msgmux.control.listener import UnsafeSocketDirectory
 from msgmux.linkadmin import LinkAdmin
 from msgmux.linkstore import LinkStore
-from tests.test_linkadmin import CONTROL, FakeControlHalf, r1
+from tests.doubles import RecordingControlHalf
+from tests.test_linkadmin import CONTROL, r1
 
 
 class AuthorizeTests(SynchronousTestCase):
@@ -61,7 +62,7 @@ class AdminProtocolTests(SynchronousTestCase):
         self.addCleanup(shutil.rmtree, directory)
         config = parse(CONTROL.format(directory=directory)).control
         assert config is not None
-        self.control = FakeControlHalf(config)
+        self.control = RecordingControlHalf(config)
         self.admin = LinkAdmin(
             self.control,
             LinkStore(os.path.join(directory, "links.json")),
@@ -153,7 +154,7 @@ class AdminDirectoryTests(SynchronousTestCase):
         config = parse(CONTROL.format(directory=directory)).control
         assert config is not None
         admin = LinkAdmin(
-            FakeControlHalf(config),
+            RecordingControlHalf(config),
             LinkStore(os.path.join(directory, "links.json")),
             None,
             [],

@@ -3,16 +3,19 @@ Tests for the hot path of L{msgmux.amqp.protocol.BrokerProtocol}: frames
 split anywhere, deliveries assembled from several body frames, a malformed
 content header costing one message and not the connection, publisher
 confirms, returns, the capability-advertising start-ok, heartbeats.
-The broker side is played with hand-encoded frames over C{StringTransport}.
+The broker side is played with hand-encoded frames over C{StringTransport};
+the protocol and channel are the real ones, as L{tests.doubles} builds them,
+and the tests see them only through their public interface.
 """
 
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Any, Callable
 
 from hypothesis import given
 from hypothesis import strategies as st
+from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -20,26 +23,25 @@ from twisted.trial.unittest import SynchronousTestCase
 from txamqp.protocol import AMQChannel
 
 from msgmux.amqp import wire
-from msgmux.amqp.channel import Channel, ChannelLost, PublishRefused, PublishReturned
+from msgmux.amqp.channel import Channel, ChannelLost, Delivery, PublishRefused, PublishReturned
 from msgmux.amqp.protocol import BrokerDelegate, BrokerProtocol
-
-
-class FakeTxChannel:
-    """Stands in for txAMQP's channel object (only its id is used here)."""
-
-    def __init__(self, number: int) -> None:
-        self.id = number
+from tests.doubles import broker_connection, open_channel
 
 
 def make_protocol(clock: Clock | None = None, heartbeat: int = 0) -> tuple[BrokerProtocol, StringTransport, Channel]:
-    protocol = BrokerProtocol(BrokerDelegate(), "/", heartbeat, clock or Clock(), "user", "secret", "msgmux test")
-    transport = StringTransport()
-    protocol.makeConnection(transport)
-    transport.clear()  # the protocol header
-    protocol.MAX_LENGTH = 131072
-    channel = Channel(protocol, FakeTxChannel(1))
-    protocol.fast_channels[1] = channel
-    return protocol, transport, channel
+    """A real protocol writing to a C{StringTransport}, with channel 1 open on it."""
+    protocol, transport = broker_connection(clock, heartbeat)
+    return protocol, transport, open_channel(protocol)
+
+
+def consume(test: SynchronousTestCase, channel: Channel, callback: Callable[[Delivery], None]) -> None:
+    """Consume as C{ctag} (the consumer tag of L{deliver_frames}), the broker answering consume-ok at once."""
+    test.successResultOf(defer.Deferred.fromCoroutine(channel.consume("q", "ctag", callback)))
+
+
+def select_confirms(test: SynchronousTestCase, channel: Channel) -> None:
+    """Put the channel in publisher-confirm mode, the broker answering select-ok at once."""
+    test.successResultOf(defer.Deferred.fromCoroutine(channel.select_confirms()))
 
 
 def return_frames(exchange: str, routing_key: str, body: bytes) -> bytes:
@@ -70,7 +72,7 @@ class DeliveryTests(SynchronousTestCase):
         """A delivery arrives intact however the TCP stream is cut, across several body frames."""
         protocol, transport, channel = make_protocol()
         got: list[Any] = []
-        channel._consumers["ctag"] = got.append
+        consume(self, channel, got.append)
         data = deliver_frames(7, {"content_type": "application/json", "headers": {"x": [1, "é"]}}, body, frame_max=512)
         data += deliver_frames(8, {}, b"second", frame_max=512)
         points = sorted({min(c, len(data)) for c in cuts})
@@ -86,7 +88,7 @@ class DeliveryTests(SynchronousTestCase):
         """A content header that cannot be decoded marks that delivery as malformed; the connection lives on."""
         protocol, transport, channel = make_protocol()
         got: list[Any] = []
-        channel._consumers["ctag"] = got.append
+        consume(self, channel, got.append)
         good = deliver_frames(1, {"content_type": "text/plain"}, b"ok")
         bad = bytearray(deliver_frames(2, {"content_type": "text/plain"}, b"bad"))
         index = bad.index(b"text/plain")
@@ -103,7 +105,7 @@ class DeliveryTests(SynchronousTestCase):
         def broken(delivery: Any) -> None:
             raise RuntimeError("bug")
 
-        channel._consumers["ctag"] = broken
+        consume(self, channel, broken)
         protocol.dataReceived(deliver_frames(5, {}, b"x"))
         self.assertEqual(transport.value(), wire.encode_reject(1, 5, requeue=True))
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
@@ -133,7 +135,7 @@ class AckTests(SynchronousTestCase):
     def test_batches_become_one_multiple_ack(self) -> None:
         """Acks that leave nothing unsettled below them go out as one multiple ack naming an unacked tag."""
         protocol, transport, channel = make_protocol()
-        channel._consumers["ctag"] = lambda delivery: None
+        consume(self, channel, lambda delivery: None)
         protocol.dataReceived(b"".join(deliver_frames(tag, {}, b"x") for tag in range(1, 7)))
         transport.clear()
         channel.ack_many([2, 1, 3])
@@ -145,13 +147,13 @@ class AckTests(SynchronousTestCase):
         channel.reject(4, requeue=False)
         channel.ack_many([])
         self.assertEqual(transport.value(), wire.encode_reject(1, 4, False))
-        self.assertEqual(channel._low, 7)
-        self.assertEqual(channel._settled, set())
+        self.assertEqual(channel.lowest_unsettled, 7)
+        self.assertEqual(channel.settled_ahead, 0)
 
     def test_multiple_ack_skips_settled_tags(self) -> None:
         """A multiple ack never names a tag the broker already settled."""
         protocol, transport, channel = make_protocol()
-        channel._consumers["ctag"] = lambda delivery: None
+        consume(self, channel, lambda delivery: None)
         protocol.dataReceived(b"".join(deliver_frames(tag, {}, b"x") for tag in range(1, 5)))
         channel.ack_many([2])
         channel.reject(3, requeue=True)
@@ -167,7 +169,7 @@ class ConfirmTests(SynchronousTestCase):
     def test_publish_confirms(self) -> None:
         """Publishes get sequential tags; single, multiple and negative confirms resolve the right Deferreds."""
         protocol, transport, channel = make_protocol()
-        channel._confirming = True
+        select_confirms(self, channel)
         results: list[Any] = []
         for index in range(4):
             channel.publish("openstack", "t", {}, b"%d" % index).addBoth(results.append)
@@ -189,7 +191,7 @@ class ConfirmTests(SynchronousTestCase):
         has it).
         """
         protocol, transport, channel = make_protocol()
-        channel._confirming = True
+        select_confirms(self, channel)
         results: list[Any] = []
         channel.publish("", "reply_a", {}, b"1", mandatory=True).addBoth(results.append)
         channel.publish("", "reply_b", {}, b"2", mandatory=True).addBoth(results.append)
@@ -201,12 +203,12 @@ class ConfirmTests(SynchronousTestCase):
         self.assertTrue(results[0].check(PublishReturned))
         protocol.dataReceived(wire.frame(wire.FRAME_METHOD, 1, struct.pack(">HHQB", 60, 80, 4, 1)))
         self.assertEqual(results[1:], [None, None, None])
-        self.assertEqual((channel._mandatory, channel._returns), ({}, []))
+        self.assertEqual((channel.unconfirmed_mandatory, channel.unmatched_returns), (0, 0))
 
     def test_return_of_a_batch(self) -> None:
         """When one multiple confirm settles several publishes to a returned destination, the latest is the returned one."""
         protocol, transport, channel = make_protocol()
-        channel._confirming = True
+        select_confirms(self, channel)
         results: list[Any] = []
         channel.publish("", "reply_b", {}, b"1", mandatory=True).addBoth(results.append)
         channel.publish("", "reply_b", {}, b"2", mandatory=True).addBoth(results.append)
@@ -222,7 +224,7 @@ class ConfirmTests(SynchronousTestCase):
         def broken(delivery: Any) -> None:
             raise RuntimeError("bug")
 
-        channel._consumers["ctag"] = broken
+        consume(self, channel, broken)
         transport.clear()
         protocol.dataReceived(deliver_frames(1, {}, b"x"))
         protocol.dataReceived(deliver_frames(2, {}, b"x", redelivered=True))
@@ -232,7 +234,7 @@ class ConfirmTests(SynchronousTestCase):
     def test_channel_loss_fails_pending(self) -> None:
         """Unconfirmed publishes fail with ChannelLost when the connection goes."""
         protocol, transport, channel = make_protocol()
-        channel._confirming = True
+        select_confirms(self, channel)
         failures: list[Any] = []
         channel.publish("x", "y", {}, b"").addErrback(failures.append)
         protocol.connectionLost(Failure(ConnectionError("gone")))

@@ -1,6 +1,7 @@
 """
 Tests for links added at run time: L{msgmux.linkadmin.LinkAdmin} against a
-fake control half, and the state file (L{msgmux.linkstore.LinkStore}).
+recording control half (L{tests.doubles.RecordingControlHalf}), and the
+state file (L{msgmux.linkstore.LinkStore}).
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
 from msgmux._toml import ConfigError
-from msgmux.config import ControlConfig, LinkConfig, parse
+from msgmux.config import parse
 from msgmux.linkadmin import AdminError, LinkAdmin
 from msgmux.linkstore import LinkStore
-from tests.doubles import control_config
+from tests.doubles import RecordingControlHalf, control_config
 
 CONTROL = """
 [control]
@@ -39,35 +40,6 @@ socket = "{directory}/static.sock"
 """
 
 
-class FakeLink:
-    def __init__(self, config: LinkConfig) -> None:
-        self.config = config
-
-    def status(self) -> dict[str, Any]:
-        return {"up": False, "healthy": False}
-
-
-class FakeControlHalf:
-    """Records what the admin asks of the control half; fails binds when told to."""
-
-    def __init__(self, config: ControlConfig) -> None:
-        self.config = config
-        self.links: dict[str, FakeLink] = {link.name: FakeLink(link) for link in config.links}
-        self.calls: list[tuple[str, str]] = []
-        self.refuse_bind = False
-        self.removals: list[defer.Deferred[None]] = []
-
-    def add_link(self, link: LinkConfig) -> None:
-        if self.refuse_bind:
-            raise OSError(98, "Address already in use")
-        self.calls.append(("add", link.name))
-        self.links[link.name] = FakeLink(link)
-
-    async def remove_link(self, name: str) -> None:
-        self.calls.append(("remove", name))
-        del self.links[name]
-
-
 def r1(**changes: Any) -> dict[str, Any]:
     table: dict[str, Any] = {"name": "r1", "socket": "/run/msgmux/r1.sock", "down": [{"topic": "l3_agent"}]}
     table.update(changes)
@@ -81,7 +53,7 @@ class LinkAdminTests(SynchronousTestCase):
         config = parse(CONTROL.format(directory=self.directory)).control
         assert config is not None
         self.config = config
-        self.control = FakeControlHalf(config)
+        self.control = RecordingControlHalf(config)
         self.store = LinkStore(os.path.join(self.directory, "links.json"))
         self.admin = self.make_admin([])
 
@@ -184,7 +156,7 @@ class LinkAdminTests(SynchronousTestCase):
     def test_restored(self) -> None:
         """Stored links come back through the state file, validated again."""
         self.successResultOf(self.admin.add(r1(), "a"))
-        control = FakeControlHalf(self.config)
+        control = RecordingControlHalf(self.config)
         self.control = control
         restored = self.make_admin(self.store.load(self.config))
         restored.start()

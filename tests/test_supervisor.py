@@ -1,7 +1,7 @@
 """
 Tests for L{msgmux.supervisor}: restarts with backoff, namespaces that go
-and come back, removal, and reports, driven by a L{task.Clock} and a fake
-spawner channel.
+and come back, removal, and reports, driven by a L{task.Clock} and a recording
+spawner channel (L{tests.doubles.RecordingSpawner}).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from msgmux.config import BrokerConfig, BrokerHost, LinkConfig, RpcRule, SupervisionConfig, TenantSpec
 from msgmux.spawnproto import Exited, Ready, Refused, Started
 from msgmux.supervisor import HalfState, TenantSupervisor
+from tests.doubles import RecordingSpawner
 
 SUPERVISION = SupervisionConfig(
     users=("nobody",), groups=("nogroup",), restart_delay=1.0, max_restart_delay=8.0, stable_after=30.0, namespace_poll=2.0
@@ -25,23 +26,10 @@ def link(name: str = "r1", namespace: str = "qrouter-1", exchange: str = "openst
     return LinkConfig(name=name, socket=f"/run/msgmux/{name}.sock", tenant=spec)
 
 
-class FakeSpawner:
-    """Records the commands it is given."""
-
-    def __init__(self) -> None:
-        self.commands: list[tuple[str, str]] = []
-
-    def start(self, link: LinkConfig) -> None:
-        self.commands.append(("start", link.name))
-
-    def stop(self, link: str, timeout: float) -> None:
-        self.commands.append(("stop", link))
-
-
 class SupervisorTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = task.Clock()
-        self.spawner = FakeSpawner()
+        self.spawner = RecordingSpawner()
         self.namespaces = {"qrouter-1"}
         self.supervisor = TenantSupervisor(SUPERVISION, self.spawner, self.clock, self.namespaces.__contains__)
         self.supervisor.start()

@@ -179,6 +179,43 @@ class Channel:
         """Publishes awaiting the broker's confirm."""
         return len(self._confirms)
 
+    @property
+    def unconfirmed_mandatory(self) -> int:
+        """
+        Mandatory publishes awaiting the broker's confirm, whose destination
+        is kept until then to match a return to them.  Zero once every
+        confirm arrived (anything else is a leak).
+        """
+        return len(self._mandatory)
+
+    @property
+    def unmatched_returns(self) -> int:
+        """
+        Returns not yet matched to a mandatory publish: RabbitMQ sends a
+        C{basic.return} before the confirm of its publish, so a return waits
+        for that confirm.  Zero once every confirm arrived (anything else is
+        a leak).
+        """
+        return len(self._returns)
+
+    @property
+    def lowest_unsettled(self) -> int:
+        """
+        The lowest delivery tag not yet acknowledged or rejected (it may not
+        have been delivered yet): every delivery below it is settled, which
+        is what lets L{ack_many} acknowledge a batch with one C{multiple} ack.
+        """
+        return self._low
+
+    @property
+    def settled_ahead(self) -> int:
+        """
+        How many deliveries above L{lowest_unsettled} are settled: their tags
+        are kept until the tags below them are settled, then forgotten.  Zero
+        once every delivery received is settled (anything else is a leak).
+        """
+        return len(self._settled)
+
     # --- synchronous methods ----------------------------------------------
 
     async def declare_exchange(

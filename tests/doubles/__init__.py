@@ -7,6 +7,11 @@ real msgmux objects and hands them these, not a fresh fake of its own.
    records what a relay does with it;
  - L{RecordingHandler} is a session handler (L{SessionHandler}) that
    records what a link protocol hands it;
+ - L{RecordingControlHalf} is a control half as run-time links see it
+   (L{ControlHalfLike}), serving L{IdleLink}s and recording what is asked
+   of it;
+ - L{RecordingSpawner} is the spawner as the tenant half supervisor sees
+   it (L{SpawnerChannel}), recording the commands it is given;
  - L{broker_connection} and L{open_channel} give a real
    L{BrokerProtocol} and L{Channel} writing to a C{StringTransport}, for
    deliveries and publishes without a broker;
@@ -22,7 +27,7 @@ Behaviour that depends on the broker is tested against the real broker
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet import defer
 from twisted.internet.task import Clock
@@ -34,14 +39,19 @@ from msgmux.amqp import wire
 from msgmux.amqp.broker import BrokerService
 from msgmux.amqp.channel import Channel, Delivery
 from msgmux.amqp.protocol import BrokerDelegate, BrokerProtocol, load_spec
-from msgmux.config import BrokerConfig, Config, ControlConfig, TenantConfig, parse, parse_transport_url
+from msgmux.config import BrokerConfig, Config, ControlConfig, LinkConfig, TenantConfig, parse, parse_transport_url
 from msgmux.link.protocol import LinkConnection, SessionHandler
+from msgmux.linkadmin import ControlHalfLike
 from msgmux.message import Message
+from msgmux.supervisor import SpawnerChannel
 
 __all__ = [
     "OSLO_PROPERTIES",
+    "IdleLink",
     "RecordingConnection",
+    "RecordingControlHalf",
     "RecordingHandler",
+    "RecordingSpawner",
     "TxChannelStandIn",
     "broker_closes_channel",
     "broker_connection",
@@ -304,6 +314,68 @@ class RecordingHandler:
         self.ended = reason
 
 
-def _satisfies_interfaces(connection: RecordingConnection, handler: RecordingHandler) -> tuple[LinkConnection, SessionHandler]:
+class IdleLink:
+    """
+    A control link as L{msgmux.linkadmin.LinkAdmin} sees it (its
+    configuration and status), with no session: down and unhealthy.
+    """
+
+    def __init__(self, config: LinkConfig) -> None:
+        self.config = config
+
+    def status(self) -> dict[str, Any]:
+        return {"up": False, "healthy": False}
+
+
+class RecordingControlHalf:
+    """
+    A control half as run-time links see it (L{ControlHalfLike}): it serves
+    an L{IdleLink} per link and records what it is asked.
+
+    @ivar calls: C{("add", name)} and C{("remove", name)}, in order.
+    @ivar refuse_bind: when set, adding a link fails as if its socket could
+        not be bound (and is not recorded).
+    """
+
+    def __init__(self, config: ControlConfig) -> None:
+        self.config = config
+        self.links: dict[str, IdleLink] = {link.name: IdleLink(link) for link in config.links}
+        self.peer_check: Callable[[str, tuple[int, int, int] | None], str | None] = lambda link, peer: None
+        self.calls: list[tuple[str, str]] = []
+        self.refuse_bind = False
+
+    def add_link(self, link: LinkConfig) -> None:
+        if self.refuse_bind:
+            raise OSError(98, "Address already in use")
+        self.calls.append(("add", link.name))
+        self.links[link.name] = IdleLink(link)
+
+    async def remove_link(self, name: str) -> None:
+        self.calls.append(("remove", name))
+        del self.links[name]
+
+
+class RecordingSpawner:
+    """
+    The spawner as the tenant half supervisor sees it (L{SpawnerChannel}):
+    records the commands it is given and answers none; a test reports the
+    halves' starts and exits to the supervisor itself.
+
+    @ivar commands: C{("start", link)} and C{("stop", link)}, in order.
+    """
+
+    def __init__(self) -> None:
+        self.commands: list[tuple[str, str]] = []
+
+    def start(self, link: LinkConfig) -> None:
+        self.commands.append(("start", link.name))
+
+    def stop(self, link: str, timeout: float) -> None:
+        self.commands.append(("stop", link))
+
+
+def _satisfies_interfaces(
+    connection: RecordingConnection, handler: RecordingHandler, control: RecordingControlHalf, spawner: RecordingSpawner
+) -> tuple[LinkConnection, SessionHandler, ControlHalfLike, SpawnerChannel]:
     """Checked by mypy: the doubles satisfy the interfaces they stand in for."""
-    return connection, handler
+    return connection, handler, control, spawner
