@@ -84,8 +84,39 @@ ATTACKS: list[tuple[str, Attack]] = [
     ("8 MB JSON bombs, refused method", lambda reactor, socket: attacks.json_bomb(reactor, socket, "bad", "forbidden", 10)),
     ("8 MB JSON bombs, allowed method", lambda reactor, socket: attacks.json_bomb(reactor, socket, "bad", "report_state", 10)),
     ("poison properties", lambda reactor, socket: attacks.poison_property(reactor, socket, "bad")),
+    ("notifications with call fields", lambda reactor, socket: attacks.notification_with_call_fields(reactor, socket, "bad")),
     ("connection churn", lambda reactor, socket: attacks.connection_churn(reactor, socket, 200)),
 ]
+
+
+def _down_attacks(client: Any) -> list[tuple[str, Attack]]:
+    """
+    The attacks on what the control half sends down, with C{client} (an oslo
+    peer on the control broker) sending it: run last, because a slow
+    reader leaves casts queued for the bad link.
+    """
+
+    async def repeated_final_replies(reactor: Any, socket: str) -> None:
+        answering = await connect_raw(reactor, socket, "bad")
+        try:
+            call = client.request("call", topic="victim", method="echo", kwargs={}, timeout=30)
+            await attacks.repeated_final_replies(answering)
+            await call
+        finally:
+            answering.transport.loseConnection()
+
+    async def slow_reader(reactor: Any, socket: str) -> None:
+        reader = await attacks.slow_reader(reactor, socket, "bad")
+        try:
+            await client.request("casts", topic="victim", method="echo", count=150, kwargs={"blob": "x" * 100_000})
+            await reader.wait_for(lambda: reader.closed.called, timeout=60)
+        finally:
+            reader.transport.loseConnection()
+
+    return [
+        ("five final replies to each call", repeated_final_replies),
+        ("slow reader, 100 KB casts sent down", slow_reader),
+    ]
 
 
 async def _during(reactor: Any, attack: Attack, socket: str, work: defer.Deferred[Any]) -> Any:
@@ -157,7 +188,7 @@ async def availability(lab: Lab, calls: int) -> dict[str, Any]:
     results: dict[str, Any] = {}
     unloaded = await client.request("calls", topic="agent", count=calls, threads=1)
     results["unloaded"] = (*_percentiles(unloaded["latencies"]), len(unloaded["errors"]))
-    for name, attack in ATTACKS:
+    for name, attack in ATTACKS + _down_attacks(client):
         await task.deferLater(reactor, 2.0, lambda: None)  # the link's session budget refills
         work = client.request("calls", topic="agent", count=calls, threads=1)
         loaded = await _during(reactor, attack, bad, work)
